@@ -15,7 +15,7 @@ from metrics import (average_accuracy, backward_transfer, forgetting,
                      format_matrix, format_table, forward_transfer, macro_f1,
                      mean_std, summarize_runs)
 
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=40, deadline=None)
 
 # Anything a run loop might leave above the diagonal: NaN, inf, huge numbers.
 garbage = st.one_of(st.just(float("nan")), st.just(float("inf")),
