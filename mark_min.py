@@ -1,0 +1,917 @@
+"""mark_min.py: MARK (Meta Reusable Knowledge) in one readable file.
+
+Hurtado, Raymond-Saez & Soto, "Optimizing Reusable Knowledge for Continual
+Learning via Metalearning", NeurIPS 2021 (arXiv:2106.05390).
+
+    python mark_min.py                          # glyphs stream, quick profile, < 2 min on CPU
+    python mark_min.py --dataset cifar100       # 20-Split CIFAR-100, the paper's protocol
+    python mark_min.py --dataset cifar100 --profile short --out runs/c100
+    python mark_min.py --dataset cifar100 --describe   # parameter table, no data needed
+
+The idea in one paragraph. A continual learner meets tasks one after another
+and must not forget old ones. MARK keeps ONE shared knowledge base (KB): a
+small CNN whose weights are reused by every task. Each task t owns three small
+modules: a feature extractor F_t that looks at the image and produces a
+query, a mask generator M_t that turns the query into one scale per KB
+channel (a "mask"), and a classifier head C_t. The KB's channels are
+multiplied by the masks, so each task reads the shared knowledge in its own
+way. The KB is trained ordinarily only on the first task; afterwards it only
+moves by a small Reptile-style meta-update (step 4), which is why old tasks
+are (almost) not forgotten: their F, M and C are never touched again and the
+KB barely moves.
+
+Map from the paper to this file (MARK_REFERENCE.md section 3):
+    step 1  train F_t with a throwaway head ......... step1_feature_extractor
+    step 2  first task only: pre-train the KB ....... step2_pretrain_kb
+    step 3  train M_t and C_t, KB frozen ............ step3_masks_and_head
+    step 4  meta-update of the KB (Reptile) ......... step4_meta_update
+    step 5  consolidate M_t and C_t ................. step5_consolidate
+    evaluation / accuracy matrix R .................. evaluate, run_seed
+The model: KnowledgeBase, FeatureExtractor, MaskGenerator, MARKNet.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import metrics
+from data import DataError, Task, load_tasks
+
+# ---------------------------------------------------------------------------
+# Configuration: every hyperparameter in one place, with where it comes from.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # -- what to run --------------------------------------------------------
+    dataset: str = "glyphs"        # glyphs (offline synthetic) | cifar100 | imagedata | npz
+    data_dir: str | None = None    # default ./data or $MARK_DATA_DIR
+    path: str | None = None        # the .npz file for --dataset npz
+    num_tasks: int | None = None   # keep only the first N tasks of the stream
+    profile: str | None = None     # paper | short | quick; None: per-dataset default
+    epoch_scale: float = 1.0       # multiply every epoch count (after the profile)
+    seed: int = 0                  # sets python, numpy, torch and the class order
+    runs: int = 1                  # seeds seed .. seed+runs-1
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    out: str | None = None         # folder for results.json and checkpoints
+    resume: bool = False           # continue from the checkpoints in --out
+    # -- model (authors' layers, MARK_REFERENCE section 2) --------------------
+    latent: int = 128              # size of F_t's query and of the KB's output
+    kb_channels: tuple = (64, 128, 256)   # authors' code
+    kb_kernels: tuple = (4, 3, 2)         # authors' code (CIFAR-100)
+    fe_channels: tuple = (32, 32)         # authors' code
+    fe_kernels: tuple = (4, 3)            # authors' code
+    dropout: float = 0.5           # after the KB's linear layer (authors' code)
+    mask_activation: str = "relu"  # relu (authors' default) | sigmoid
+    # -- ordinary training: steps 1, 2, 3, 5 (MARK_REFERENCE section 3) --------
+    batch_size: int = 128          # authors
+    lr: float = 0.1                # authors, CIFAR-100 (0.01 for MiniImageNet)
+    momentum: float = 0.9          # authors
+    weight_decay: float = 0.01     # authors
+    clip: float = 0.5              # gradient-norm clip; authors: step 1. We clip in every ordinary step.
+    epochs_fe: int = 50            # step 1, authors
+    epochs_kb: int = 50            # step 2, authors
+    epochs_masks: int = 50         # step 3, authors
+    epochs_consolidate: int = 50   # step 5, authors (the report: 30-40)
+    lr_consolidate: float = 0.1    # step 5, authors (the report: 0.05)
+    # -- meta-update: step 4 (MARK_REFERENCE section 4) ------------------------
+    meta_epochs: int = 10          # outer steps per task, authors
+    meta_k: int = 10               # meta-tasks per outer step, authors
+    meta_inner_steps: int = 40     # SGD steps on one batch per meta-task, authors
+    meta_inner_lr: float = 0.01    # authors
+    meta_inner_weight_decay: float = 0.1   # authors
+    meta_outer_lr: float = 0.001   # eps; authors: 0.1 x meta rate
+    meta_outer_weight_decay: float = 0.1   # authors
+    meta_sign: str = "reptile"     # reptile (towards adapted weights) | authors (away)
+    meta_impl: str = "auto"        # loop | vmap | auto (vmap on CUDA, loop on CPU)
+    channels_last: bool = True     # memory layout for conv nets; faster on CPU and GPU
+
+    def __post_init__(self):
+        for name in ("kb_channels", "kb_kernels", "fe_channels", "fe_kernels"):
+            setattr(self, name, tuple(getattr(self, name)))
+
+
+# Short schedules. "paper" is the authors' protocol; everything else is a
+# shorter run and is labelled as such wherever results are printed or saved.
+PROFILES = {
+    "paper": {},
+    # The measured reference run of the authors' code (MARK_REFERENCE section 4):
+    # every epoch count / 10 and one meta-epoch.
+    "short": dict(epochs_fe=5, epochs_kb=5, epochs_masks=5, epochs_consolidate=5,
+                  meta_epochs=1),
+    # The default glyphs run: the whole 15-task stream in under 2 minutes on a
+    # 2-core CPU. Fewer and shorter meta-tasks keep step 4 cheap.
+    "quick": dict(epochs_fe=3, epochs_kb=6, epochs_masks=4, epochs_consolidate=2,
+                  meta_epochs=1, meta_k=5, meta_inner_steps=10),
+}
+DEFAULT_PROFILE = {"cifar100": "paper"}     # every other dataset: "quick"
+EPOCH_FIELDS = ("epochs_fe", "epochs_kb", "epochs_masks", "epochs_consolidate")
+# Input shape of one image per dataset, so --describe needs no data.
+KNOWN_SHAPES = {"cifar100": (3, 32, 32), "glyphs": (1, 20, 20), "imagedata": (1, 20, 20)}
+KNOWN_CLASSES = {"cifar100": [5] * 20, "glyphs": [5] * 15, "imagedata": [5] * 14 + [4]}
+
+
+def resolve_config(cfg: Config, overridden: set[str] = frozenset()) -> Config:
+    """Apply the profile, then the user's explicit flags, then --epoch-scale."""
+    cfg = dataclasses.replace(cfg)
+    if cfg.profile is None:
+        cfg.profile = DEFAULT_PROFILE.get(cfg.dataset, "quick")
+    for key, value in PROFILES[cfg.profile].items():
+        if key not in overridden:            # an explicit flag beats the profile
+            setattr(cfg, key, value)
+    for key in EPOCH_FIELDS:
+        setattr(cfg, key, max(1, round(getattr(cfg, key) * cfg.epoch_scale)))
+    return cfg
+
+
+def describe_schedule(cfg: Config, overridden=frozenset()) -> str:
+    """One honest line: which schedule ran, and whether it is the paper's."""
+    changed = sorted(k for k in overridden if k in HYPERPARAMETERS)
+    is_paper = cfg.profile == "paper" and not changed and cfg.epoch_scale == 1.0
+    label = "paper protocol" if is_paper else "SHORT profile, not the paper protocol"
+    extra = f", overrides: {', '.join(changed)}" if changed else ""
+    scale = f", epoch scale {cfg.epoch_scale:g}" if cfg.epoch_scale != 1.0 else ""
+    return (f"profile '{cfg.profile}' ({label}{scale}{extra}): epochs F/KB/M/cons = "
+            f"{cfg.epochs_fe}/{cfg.epochs_kb}/{cfg.epochs_masks}/{cfg.epochs_consolidate}, "
+            f"meta {cfg.meta_epochs} x K={cfg.meta_k} x {cfg.meta_inner_steps} steps, "
+            f"sign {cfg.meta_sign}")
+
+
+HYPERPARAMETERS = {f.name for f in dataclasses.fields(Config)} - {
+    "dataset", "data_dir", "path", "num_tasks", "profile", "epoch_scale", "seed",
+    "runs", "device", "out", "resume", "meta_impl", "channels_last"}
+
+
+# ---------------------------------------------------------------------------
+# The model (MARK_REFERENCE section 2)
+# ---------------------------------------------------------------------------
+
+def conv_pool_size(size: int, kernel: int) -> int:
+    """Spatial size after a conv (no padding, stride 1) and a 2x2 max-pool."""
+    after_conv = size - kernel + 1
+    if after_conv < 2:
+        raise ValueError(f"input of {size} px is too small for a {kernel}x{kernel} conv + pool")
+    return after_conv // 2
+
+
+class FeatureExtractor(nn.Module):
+    """F_t: the task's query network (one per task, frozen after step 1).
+
+    conv k4 -> BN -> ReLU -> maxpool 2 -> conv k3 -> BN -> ReLU -> maxpool 2
+    -> flatten -> linear -> ReLU. For 32x32x3: 32 -> 29 -> 14 -> 12 -> 6,
+    flatten 32*6*6 = 1152 -> 128. 158,528 parameters.
+    """
+
+    def __init__(self, in_shape, channels=(32, 32), kernels=(4, 3), out_dim=128):
+        super().__init__()
+        c, size, layers = in_shape[0], in_shape[1], []
+        for c_out, k in zip(channels, kernels):
+            layers += [nn.Conv2d(c, c_out, k), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+            c, size = c_out, conv_pool_size(size, k)
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * size * size, out_dim)
+
+    def forward(self, x):                       # x: (B, C, H, W)
+        h = self.features(x).flatten(1)          # (B, 32*6*6)
+        return F.relu(self.fc(h))                # (B, latent)
+
+
+class KnowledgeBase(nn.Module):
+    """KB: the shared CNN. Each block's channels are scaled by a mask.
+
+    block l:  h_l = maxpool(relu(conv_l(h_{l-1}))) * m_l[:, :, None, None]
+    then flatten -> linear -> ReLU -> dropout. No padding, no BN. For 32x32x3:
+    32 -> 29 -> 14 -> 12 -> 6 -> 5 -> 2, flatten 256*2*2 = 1024 -> 128.
+    339,520 parameters. masks=None means "all ones" (no masking).
+    """
+
+    def __init__(self, in_shape, channels=(64, 128, 256), kernels=(4, 3, 2),
+                 out_dim=128, dropout=0.5):
+        super().__init__()
+        c, size = in_shape[0], in_shape[1]
+        self.convs = nn.ModuleList()
+        for c_out, k in zip(channels, kernels):
+            self.convs.append(nn.Conv2d(c, c_out, k))
+            c, size = c_out, conv_pool_size(size, k)
+        self.fc = nn.Linear(c * size * size, out_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, masks=None):            # x: (B, C, H, W)
+        h = x
+        for l, conv in enumerate(self.convs):
+            h = F.max_pool2d(F.relu(conv(h)), 2)  # (B, c_l, s_l, s_l)
+            if masks is not None:
+                h = h * masks[l][:, :, None, None]   # m_l: (B, c_l), one scale per image and channel
+        h = F.relu(self.fc(h.flatten(1)))         # (B, latent); the final linear layer is not masked
+        return self.dropout(h)
+
+
+class MaskGenerator(nn.Module):
+    """M_t: three independent linear layers, query -> one mask per KB block.
+
+    latent -> 64, latent -> 128, latent -> 256, each followed by the mask
+    activation (ReLU: non-negative, unbounded; sigmoid: in (0, 1)).
+    57,792 parameters for latent 128.
+    """
+
+    def __init__(self, latent=128, channels=(64, 128, 256), activation="relu"):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(latent, c) for c in channels)
+        self.activation = {"relu": F.relu, "sigmoid": torch.sigmoid}[activation]
+
+    def forward(self, q):                        # q: (B, latent)
+        return [self.activation(layer(q)) for layer in self.layers]   # [(B, 64), (B, 128), (B, 256)]
+
+
+class PerTask(nn.ModuleList):
+    """One module per task; forward(x, t) runs task t's module.
+
+    Living in a ModuleList means state_dict(), .to(device), .eval() and
+    parameter counts cover every task's module.
+    """
+
+    def forward(self, x, t):
+        return self[t](x)
+
+    def task_parameters(self, t):
+        return list(self[t].parameters())
+
+
+class MARKNet(nn.Module):
+    """The whole MARK model for a stream of T tasks.
+
+    kbs:              [KB] shared (or one per task for Baseline 4)
+    extractors:       F_0 .. F_{T-1}      (only if masks=True)
+    mask_generators:  M_0 .. M_{T-1}      (only if masks=True)
+    heads:            C_0 .. C_{T-1}, C_t: latent -> classes of task t
+
+    The same class builds the baselines: masks=False drops F and M (Baselines
+    1, 2, 4), kb_per_task=True gives every task its own KB (Baseline 4).
+    """
+
+    def __init__(self, in_shape, classes_per_task, cfg: Config, masks=True, kb_per_task=False):
+        super().__init__()
+        self.in_shape, self.cfg, self.use_masks = tuple(in_shape), cfg, masks
+        T = len(classes_per_task)
+        make_kb = lambda: KnowledgeBase(in_shape, cfg.kb_channels, cfg.kb_kernels,
+                                        cfg.latent, cfg.dropout)
+        self.kbs = nn.ModuleList(make_kb() for _ in range(T if kb_per_task else 1))
+        if masks:
+            self.extractors = PerTask(FeatureExtractor(in_shape, cfg.fe_channels, cfg.fe_kernels,
+                                                       cfg.latent) for _ in range(T))
+            self.mask_generators = PerTask(MaskGenerator(cfg.latent, cfg.kb_channels,
+                                                         cfg.mask_activation) for _ in range(T))
+        self.heads = PerTask(nn.Linear(cfg.latent, k) for k in classes_per_task)
+
+    def kb(self, t) -> KnowledgeBase:
+        return self.kbs[t if len(self.kbs) > 1 else 0]
+
+    def new_head(self, num_classes) -> nn.Module:
+        """A fresh, randomly initialised head (step 1's throwaway head, step 4's meta-task head)."""
+        return nn.Linear(self.cfg.latent, num_classes).to(self.heads[0].weight.device)
+
+    def masks(self, x, t, query=None):
+        """m = M_t(F_t(x)): list of (B, c_l). `query` = a precomputed F_t(x)."""
+        if not self.use_masks:
+            return None
+        if query is None:
+            query = self.extractors(x, t)
+        return self.mask_generators(query, t)
+
+    def forward(self, x, t, query=None):         # x: (B, C, H, W) -> logits (B, k_t)
+        return self.heads(self.kb(t)(x, self.masks(x, t, query)), t)
+
+
+def build_model(cfg: Config, in_shape, classes_per_task, device, **kwargs) -> MARKNet:
+    model = MARKNet(in_shape, classes_per_task, cfg, **kwargs).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Training machinery shared by every step
+# ---------------------------------------------------------------------------
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the message names task, step and epoch."""
+
+
+def batch_indices(n, batch_size, generator, device):
+    """A shuffled pass over range(n) in mini-batches, drawn from `generator`."""
+    order = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    return order.split(batch_size)
+
+
+def freeze_all_but(model: nn.Module, params, train_modules):
+    """Freeze everything (eval mode, no gradient), then unfreeze `params`.
+
+    Frozen modules must be in eval mode: the authors' code left F_t's
+    batch-norm statistics updating after step 1, a bug we do not copy.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    for module in train_modules:
+        module.train()
+    for p in params:
+        p.requires_grad_(True)
+
+
+def fit(model, cfg: Config, gen, n, loss_of_batch, *, params, train_modules, epochs, lr,
+        where: str, clip=True):
+    """Plain mini-batch SGD (momentum, weight decay, gradient clipping) on `params`.
+
+    The optimizer holds only `params`; everything else is frozen. The loss is
+    summed on the device and checked once per epoch (one host sync per epoch,
+    not per batch); a non-finite loss stops the run with task, step and epoch.
+    """
+    freeze_all_but(model, params, train_modules)
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    device = params[0].device
+    for epoch in range(epochs):
+        total = torch.zeros((), device=device)
+        for idx in batch_indices(n, cfg.batch_size, gen, device):
+            loss = loss_of_batch(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip and cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            total += loss.detach()
+        if not torch.isfinite(total):
+            raise TrainingDiverged(f"{where}, epoch {epoch + 1}/{epochs}: the loss is {total.item()}. "
+                                   f"Try a smaller --lr or a sigmoid --mask-activation.")
+
+
+@torch.no_grad()
+def frozen_queries(model: MARKNet, t, x, chunk=1024):
+    """F_t(x) for a whole split, once. F_t is frozen (eval mode) from step 1 on,
+    so its output for an image never changes: steps 3-5 reuse it instead of
+    recomputing it in every epoch (same numbers, less arithmetic)."""
+    model.extractors[t].eval()
+    return torch.cat([model.extractors(xb, t) for xb in x.split(chunk)])
+
+
+# ---------------------------------------------------------------------------
+# The five steps of training one task (MARK_REFERENCE section 3)
+# ---------------------------------------------------------------------------
+
+def step1_feature_extractor(model: MARKNet, t, task: Task, cfg: Config, gen):
+    """Step 1. "Train F_t with a throwaway linear head (128->5) for 50 epochs at
+    the task learning rate, gradient-norm clipping 0.5. Then freeze F_t."
+    """
+    fe, probe = model.extractors[t], model.new_head(task.num_classes)
+    x, y = task.train.x, task.train.y
+    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(probe(fe(x[i])), y[i]),
+        params=[*fe.parameters(), *probe.parameters()], train_modules=[fe, probe],
+        epochs=cfg.epochs_fe, lr=cfg.lr, where=f"task {t}, step 1 (feature extractor)")
+    fe.eval().requires_grad_(False)          # frozen for good: eval mode, no gradient
+
+
+def step2_pretrain_kb(model: MARKNet, t, task: Task, cfg: Config, gen):
+    """Step 2. "First task only: pre-train the KB. Train KB + C_0 with no masks
+    (all ones) for 50 epochs. This is the only ordinary training the KB gets."
+
+    Baselines 1, 2 and 4 call this on every task (no masks at all).
+    """
+    kb, head = model.kb(t), model.heads[t]
+    x, y = task.train.x, task.train.y
+    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(head(kb(x[i])), y[i]),
+        params=[*kb.parameters(), *head.parameters()], train_modules=[kb, head],
+        epochs=cfg.epochs_kb, lr=cfg.lr, where=f"task {t}, step 2 (KB pre-training)")
+
+
+def train_masks_and_head(model: MARKNet, t, task: Task, cfg: Config, gen, query, *,
+                         epochs, lr, where, train_kb=False):
+    """Train M_t and C_t with the masks applied, F_t frozen (its queries
+    precomputed). Models without masks (Baseline 2) train C_t alone; train_kb
+    adds the KB (Baseline 3: the KB trained conventionally, with masks)."""
+    x, y = task.train.x, task.train.y
+    kb, head = model.kb(t), model.heads[t]
+    modules = [head] + ([model.mask_generators[t]] if model.use_masks else [])
+    modules += [kb] if train_kb else []
+    params = [p for m in modules for p in m.parameters()]
+    q = (lambda i: None) if query is None else (lambda i: query[i])
+    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(model(x[i], t, q(i)), y[i]),
+        params=params, train_modules=modules, epochs=epochs, lr=lr, where=where)
+
+
+def step3_masks_and_head(model, t, task, cfg, gen, query):
+    """Step 3. "Masks and head. Train M_t and C_t, KB frozen, 50 epochs." """
+    train_masks_and_head(model, t, task, cfg, gen, query, epochs=cfg.epochs_masks, lr=cfg.lr,
+                         where=f"task {t}, step 3 (masks + head)")
+
+
+def step5_consolidate(model, t, task, cfg, gen, query):
+    """Step 5. "Consolidation. Train M_t and C_t again, KB frozen, 50 epochs with
+    a new optimizer." (fit() always builds a new optimizer.) The report used
+    30-40 epochs at learning rate 0.05: --epochs-consolidate / --lr-consolidate.
+    """
+    train_masks_and_head(model, t, task, cfg, gen, query, epochs=cfg.epochs_consolidate,
+                         lr=cfg.lr_consolidate, where=f"task {t}, step 5 (consolidation)")
+
+
+# -- step 4: the meta-update ------------------------------------------------
+
+def sgd_momentum_(params, grads, bufs, lr, momentum, weight_decay):
+    """torch.optim.SGD's update, written out (in place, no dampening):
+    d = g + wd * p;  buf = momentum * buf + d;  p = p - lr * buf
+    (buf starts at zero, so the first buf equals d, as in torch.optim.SGD)."""
+    for p, g, b in zip(params, grads, bufs):
+        b.mul_(momentum).add_(g + weight_decay * p)
+        p.sub_(lr * b)
+
+
+def adapt_one(kb, theta, head_init, x, y, masks, cfg: Config):
+    """One meta-task: copy the KB, attach a fresh head, run `meta_inner_steps`
+    SGD steps on the single batch (x, y), masks fixed. Returns the adapted
+    KB weights theta_i' and the adapted copy's accuracy on that batch.
+
+    Only the KB and the head are copied (as plain tensors), never the network.
+    Dropout is active in the inner loop, as in the authors' code.
+    """
+    params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    head = {k: v.clone().requires_grad_(True) for k, v in head_init.items()}
+    names, tensors = list(params) + list(head), list(params.values()) + list(head.values())
+    bufs = [torch.zeros_like(p) for p in tensors]
+    kb.train()
+    for _ in range(cfg.meta_inner_steps):
+        z = functional_call(kb, params, (x, masks))
+        loss = F.cross_entropy(F.linear(z, head["weight"], head["bias"]), y)
+        grads = torch.autograd.grad(loss, tensors)
+        with torch.no_grad():
+            sgd_momentum_(tensors, grads, bufs, cfg.meta_inner_lr, cfg.momentum,
+                          cfg.meta_inner_weight_decay)
+    # acc_i: the adapted copy's accuracy on its batch, dropout off (our choice;
+    # the reference does not say whether it is measured with dropout).
+    kb.eval()
+    with torch.no_grad():
+        z = functional_call(kb, params, (x, masks))
+        acc = (F.linear(z, head["weight"], head["bias"]).argmax(1) == y).float().mean()
+    return {k: v.detach() for k, v in params.items()}, acc
+
+
+def adapt_all_vmap(kb, theta, head_inits, xs, ys, masks, cfg: Config):
+    """The K meta-tasks as ONE batched computation (torch.func.vmap).
+
+    Same arithmetic as K calls of adapt_one; on a GPU it turns K small problems
+    into one large one. Dropout draws different random numbers per meta-task.
+    Returns stacked adapted weights {name: (K, ...)} and accuracies (K,).
+    """
+    K = xs.shape[0]
+    stack = lambda d: {k: v.detach().clone() for k, v in d.items()}
+    params = {k: v.unsqueeze(0).repeat(K, *([1] * v.dim())) for k, v in theta.items()}
+    head = {k: torch.stack([h[k] for h in head_inits]) for k in head_inits[0]}
+    bufs_p = {k: torch.zeros_like(v) for k, v in params.items()}
+    bufs_h = {k: torch.zeros_like(v) for k, v in head.items()}
+
+    def loss_fn(p, h, x, y, m):
+        z = functional_call(kb, p, (x, m))
+        return F.cross_entropy(F.linear(z, h["weight"], h["bias"]), y)
+
+    dims = (0, 0, 0, 0, None if masks is None else 0)    # masks=None: no masks (Baseline 2)
+    grad_fn = vmap(grad(loss_fn, argnums=(0, 1)), in_dims=dims, randomness="different")
+    kb.train()
+    for _ in range(cfg.meta_inner_steps):
+        gp, gh = grad_fn(params, head, xs, ys, masks)
+        sgd_momentum_(list(params.values()) + list(head.values()),
+                      list(gp.values()) + list(gh.values()),
+                      list(bufs_p.values()) + list(bufs_h.values()),
+                      cfg.meta_inner_lr, cfg.momentum, cfg.meta_inner_weight_decay)
+    kb.eval()
+
+    def accuracy(p, h, x, y, m):
+        z = functional_call(kb, p, (x, m))
+        return (F.linear(z, h["weight"], h["bias"]).argmax(1) == y).float().mean()
+
+    with torch.no_grad():
+        accs = vmap(accuracy, in_dims=dims)(params, head, xs, ys, masks)
+    return stack(params), accs
+
+
+@torch.no_grad()
+def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=None):
+    """Step 4. Meta-update of the KB (MARK_REFERENCE section 4).
+
+    For each of `meta_epochs` outer steps:
+      for i = 1..K: take the next mini-batch of the shuffled training data;
+        copy the KB, attach a fresh head, run `meta_inner_steps` SGD steps on
+        that one batch (masks from the frozen F_t, M_t); record
+        delta_i = theta_i' - theta and the accuracy acc_i of the adapted copy;
+      w_i = acc_i / sum_j acc_j                      (accuracy weighting)
+      g   = sum_i w_i * delta_i / K                  (note the explicit 1/K)
+      theta <- theta + sign * eps * g - eps * wd * theta    (one SGD-like step)
+
+    THE SIGN QUESTION. The authors' code writes g into .grad and calls an SGD
+    step, i.e. theta <- theta - eps * g: it moves the KB AWAY from the adapted
+    weights. Reptile moves TOWARDS them, theta <- theta + eps * g. Our default
+    is Reptile's direction (sign = +1); --meta-sign authors gives sign = -1.
+    With eps = 0.001 and the 1/K factor the KB barely moves either way.
+
+    query: F_t(x) of the training set, precomputed (None for models without
+    masks, i.e. Baseline 2). The masks of a batch are computed once per
+    meta-task: F_t and M_t are frozen, so they would be the same on every
+    inner step.
+    """
+    kb = model.kb(t)
+    x, y = task.train.x, task.train.y
+    sign = {"reptile": +1.0, "authors": -1.0}[cfg.meta_sign]
+    impl = cfg.meta_impl if cfg.meta_impl != "auto" else ("vmap" if x.is_cuda else "loop")
+    model.eval()
+    for _ in range(cfg.meta_epochs):
+        theta = {k: v.detach() for k, v in kb.named_parameters()}
+        # The next K mini-batches of the shuffled data (a new pass if needed).
+        batches = []
+        while len(batches) < cfg.meta_k:
+            batches += [i for i in batch_indices(len(y), cfg.batch_size, gen, x.device)
+                        if len(i) == cfg.batch_size or len(y) < cfg.batch_size]
+        batches = batches[:cfg.meta_k]
+        masks = [model.masks(x[i], t, None if query is None else query[i]) for i in batches]
+        heads = [dict(model.new_head(task.num_classes).named_parameters()) for _ in batches]
+        with torch.enable_grad():
+            if impl == "vmap":
+                stack = lambda ms: None if ms[0] is None else [torch.stack(m) for m in zip(*ms)]
+                adapted, accs = adapt_all_vmap(kb, theta, heads, torch.stack([x[i] for i in batches]),
+                                               torch.stack([y[i] for i in batches]), stack(masks), cfg)
+                deltas = [{k: adapted[k][i] - theta[k] for k in theta} for i in range(cfg.meta_k)]
+            else:
+                results = [adapt_one(kb, theta, h, x[i], y[i], m, cfg)
+                           for i, h, m in zip(batches, heads, masks)]
+                deltas = [{k: a[k] - theta[k] for k in theta} for a, _ in results]
+                accs = torch.stack([acc for _, acc in results])
+        weights = meta_weights(accs)
+        apply_meta_step(kb, deltas, weights, sign, cfg.meta_outer_lr, cfg.meta_outer_weight_decay)
+
+
+def meta_weights(accs: torch.Tensor) -> torch.Tensor:
+    """w_i = acc_i / sum_j acc_j; uniform if every accuracy is zero."""
+    total = accs.sum()
+    uniform = torch.full_like(accs, 1.0 / len(accs))
+    return torch.where(total > 0, accs / total.clamp_min(1e-12), uniform)
+
+
+@torch.no_grad()
+def apply_meta_step(kb: nn.Module, deltas, weights, sign, eps, weight_decay):
+    """theta <- theta + sign * eps * g - eps * wd * theta, g = sum_i w_i delta_i / K.
+
+    This is one SGD step without momentum on the "gradient" -sign * g with
+    weight decay wd (SGD: p <- p - eps * (grad + wd * p))."""
+    K = len(deltas)
+    for name, p in kb.named_parameters():
+        g = sum(w * d[name] for w, d in zip(weights, deltas)) / K
+        p.mul_(1 - eps * weight_decay).add_(sign * eps * g)
+
+
+# ---------------------------------------------------------------------------
+# One task, MARK's way (baselines.py composes the same steps differently)
+# ---------------------------------------------------------------------------
+
+def train_task_mark(model, t, task, cfg, gen, timer, *, meta=True):
+    """Steps 1-5 for task t. meta=False is the frozen-KB ablation."""
+    with timer("1 feature extractor"):
+        step1_feature_extractor(model, t, task, cfg, gen)
+        query = frozen_queries(model, t, task.train.x)
+    if t == 0:
+        with timer("2 KB pre-training"):
+            step2_pretrain_kb(model, t, task, cfg, gen)
+    with timer("3 masks + head"):
+        step3_masks_and_head(model, t, task, cfg, gen, query)
+    if meta:
+        with timer("4 meta-update"):
+            step4_meta_update(model, t, task, cfg, gen, query)
+    with timer("5 consolidation"):
+        step5_consolidate(model, t, task, cfg, gen, query)
+
+
+@torch.inference_mode()
+def evaluate(model: MARKNet, t, split, chunk=1000) -> float:
+    """Accuracy (a fraction) of task t's model (F_t, M_t, KB, C_t, eval mode)."""
+    model.eval()
+    correct = sum((model(xb, t).argmax(1) == yb).sum() for xb, yb in
+                  zip(split.x.split(chunk), split.y.split(chunk)))
+    return float(correct) / len(split.y)
+
+
+# ---------------------------------------------------------------------------
+# Runs: seeds, timing, progress, results.json, checkpoints, resume
+# ---------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; "
+                         "use --device cpu or --device auto")
+    return device
+
+
+def seed_everything(seed: int):
+    """One seed for python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StepTimer:
+    """Times named steps and prints each one. CUDA is synchronised once per
+    step (not per batch) so the times are real and the hot path stays async."""
+
+    def __init__(self, device, log):
+        self.device, self.log, self.current = device, log, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.current[name] = self.current.get(name, 0.0) + seconds
+        self.log(f"    step {name:<22s} {seconds:7.1f}s")
+
+
+def atomic_write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def matrix_to_json(R: np.ndarray):
+    return [[None if not math.isfinite(v) else float(v) for v in row] for row in R]
+
+
+def run_summary(R: np.ndarray, done: int) -> dict:
+    """ACC and BWT over the tasks finished so far (the top-left done x done block)."""
+    if done == 0:
+        return {"acc": None, "bwt": None}
+    block = R[:done, :done]
+    return {"acc": metrics.average_accuracy(block), "bwt": metrics.backward_transfer(block)}
+
+
+def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwargs, device,
+             out: Path | None, log, on_task_done=None) -> dict:
+    """Train `method` on the whole stream for one seed and fill the accuracy matrix.
+
+    R[i][j] = test accuracy on task j after training task i (j <= i).
+    After every task: results for this seed (via on_task_done) and a
+    checkpoint (model, R, times, random generator states) are written, so an
+    interruption loses at most the task in progress. With cfg.resume the run
+    continues from the checkpoint and ends with exactly the results of an
+    uninterrupted run (same seed, same device).
+    """
+    T = len(tasks)
+    seed_everything(seed)
+    model = build_model(cfg, tasks[0].input_shape, [task.num_classes for task in tasks], device,
+                        **model_kwargs)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    R = np.full((T, T), np.nan)
+    record = {"seed": seed, "method": method, "tasks_done": 0,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "task_seconds": [], "step_seconds": []}
+    ckpt = out / f"checkpoint_{method}_seed{seed}.pt" if out else None
+    if cfg.resume and ckpt and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])           # copied onto the model's device
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        R = state["R"].double().numpy()
+        record = json.loads(state["record"])
+        log(f"[{method} seed {seed}] resumed after task {record['tasks_done']}/{T}")
+    started = time.perf_counter() - sum(record["task_seconds"])
+    for t in range(record["tasks_done"], T):
+        timer = StepTimer(device, log)
+        log(f"[{method} seed {seed}] task {t + 1}/{T} (classes {', '.join(tasks[t].class_names)})")
+        task_start = time.perf_counter()
+        train_task(model, t, tasks[t], cfg, gen, timer)
+        for u in range(t + 1):
+            R[t, u] = evaluate(model, u, tasks[u].test)
+        record["task_seconds"].append(time.perf_counter() - task_start)
+        record["step_seconds"].append(timer.current)
+        record["tasks_done"] = t + 1
+        record.update(run_summary(R, t + 1))
+        record["acc_matrix"] = matrix_to_json(R)
+        elapsed = time.perf_counter() - started
+        left = elapsed / (t + 1) * (T - t - 1)
+        log(f"    after task {t + 1}: acc on tasks 1..{t + 1} = "
+            + " ".join(f"{100 * R[t, u]:.1f}" for u in range(t + 1))
+            + f" | ACC {100 * record['acc']:.2f}%  BWT {100 * record['bwt']:+.2f}%"
+            + f" | elapsed {elapsed / 60:.1f} min, ~{left / 60:.1f} min left")
+        if ckpt:
+            state = {"model": model.state_dict(), "generator": gen.get_state(),
+                     "torch_rng": torch.get_rng_state(), "R": torch.from_numpy(R),
+                     "record": json.dumps(record)}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            torch.save(state, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+        if on_task_done:
+            on_task_done(record)
+    return record
+
+
+def summarize(runs) -> dict:
+    finished = [r for r in runs if r.get("acc") is not None]
+    if not finished:
+        return {}
+    acc_mean, acc_std = metrics.mean_std([r["acc"] for r in finished])
+    bwt_mean, bwt_std = metrics.mean_std([r["bwt"] for r in finished])
+    return {"acc_mean": acc_mean, "acc_std": acc_std, "bwt_mean": bwt_mean, "bwt_std": bwt_std,
+            "runs": len(finished)}
+
+
+def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridden=frozenset(),
+                   log=print) -> dict:
+    """Run `method` over seeds seed..seed+runs-1; write results.json after every task."""
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out) if cfg.out else None
+    results_path = out / "results.json" if out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if cfg.resume and results_path and results_path.exists():
+        previous = {r["seed"]: r for r in json.loads(results_path.read_text()).get("runs", [])}
+    results = {"method": method, "schedule": describe_schedule(cfg, overridden),
+               "config": dataclasses.asdict(cfg), "torch": torch.__version__,
+               "device": str(device), "runs": [], "summary": {}}
+    log(f"{method} on {cfg.dataset}, device {device}, torch {torch.__version__}")
+    log(results["schedule"])
+
+    def save(current=None):
+        runs = results["runs"] + ([current] if current else [])
+        if results_path:
+            atomic_write_json(results_path, {**results, "runs": runs, "summary": summarize(runs)})
+
+    for seed in range(cfg.seed, cfg.seed + cfg.runs):
+        old = previous.get(seed)
+        data_kwargs = {"path": cfg.path} if cfg.path else {}
+        tasks = load_tasks(cfg.dataset, data_dir=cfg.data_dir, seed=seed,
+                           num_tasks=cfg.num_tasks, device=device, **data_kwargs)
+        if cfg.channels_last:
+            for task in tasks:
+                for split in (task.train, task.val, task.test):
+                    if split.x.dim() == 4:      # images: NHWC in memory, same logical shape
+                        split.x = split.x.contiguous(memory_format=torch.channels_last)
+        if old and old.get("tasks_done") == len(tasks):
+            log(f"[{method} seed {seed}] already finished, skipped")
+            results["runs"].append(old)
+            continue
+        record = run_seed(cfg, method, seed, tasks, train_task, model_kwargs, device, out, log,
+                          on_task_done=save)
+        results["runs"].append(record)
+        save()
+        R = np.array([[np.nan if v is None else v for v in row] for row in record["acc_matrix"]])
+        log(f"[{method} seed {seed}] accuracy matrix (%), row i = after task i:\n"
+            + metrics.format_matrix(R))
+        log(f"[{method} seed {seed}] ACC {100 * record['acc']:.2f}%  BWT {100 * record['bwt']:+.2f}%"
+            f"  ({sum(record['task_seconds']) / 60:.1f} min)")
+    results["summary"] = summarize(results["runs"])
+    s = results["summary"]
+    log(f"{method}: ACC {100 * s['acc_mean']:.2f} (std {100 * s['acc_std']:.2f}) %, "
+        f"BWT {100 * s['bwt_mean']:+.2f} %, over {s['runs']} run(s); {results['schedule']}")
+    return results
+
+
+# ---------------------------------------------------------------------------
+# --describe: parameter counts, measured on the real modules
+# ---------------------------------------------------------------------------
+
+def describe(cfg: Config, log=print):
+    """Print the parameter table per component and in total for T tasks."""
+    if cfg.dataset not in KNOWN_SHAPES:
+        raise SystemExit(f"error: --describe knows the input shape of {sorted(KNOWN_SHAPES)}; "
+                         f"for {cfg.dataset} run a short training and read 'parameters' in results.json")
+    shape, classes = KNOWN_SHAPES[cfg.dataset], KNOWN_CLASSES[cfg.dataset]
+    if cfg.num_tasks:
+        classes = classes[:cfg.num_tasks]
+    model = MARKNet(shape, classes, cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    rows = [("knowledge base KB (shared)", count(model.kbs[0]), 1),
+            ("feature extractor F_t (per task)", count(model.extractors[0]), len(classes)),
+            ("mask generator M_t (per task)", count(model.mask_generators[0]), len(classes)),
+            ("classifier head C_t (per task)", count(model.heads[0]), len(classes))]
+    log(f"MARK on {cfg.dataset}: input {shape}, {len(classes)} tasks")
+    log(f"{'component':<36s}{'each':>10s}{'x':>5s}{'total':>12s}")
+    for name, n, times in rows:
+        log(f"{name:<36s}{n:>10,d}{times:>5d}{n * times:>12,d}")
+    log(f"{'total':<36s}{'':>15s}{count(model):>12,d}")
+    return count(model)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+FLAG_HELP = {
+    "dataset": "glyphs (offline synthetic default), cifar100, imagedata or npz",
+    "profile": "paper | short (epochs/10, 1 meta-epoch) | quick; default: paper for cifar100, else quick",
+    "meta_sign": "reptile: move the KB towards the adapted weights (default); authors: away (their code)",
+    "mask_activation": "relu (authors' default) or sigmoid",
+    "meta_impl": "loop | vmap | auto (vmap on CUDA)",
+}
+CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz"], "profile": list(PROFILES),
+           "meta_sign": ["reptile", "authors"], "mask_activation": ["relu", "sigmoid"],
+           "meta_impl": ["auto", "loop", "vmap"]}
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        return value
+    return parse
+
+
+def make_parser(description=None) -> argparse.ArgumentParser:
+    """One flag per Config field (--meta-k, --epochs-fe, ...), checked on parse."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default) if f.default is not None else str
+        kwargs = {"default": argparse.SUPPRESS, "help": FLAG_HELP.get(f.name, f"default {f.default}")}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif kind is tuple:
+            parser.add_argument(flag, type=positive(int), nargs="+", **kwargs)
+        elif f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], **kwargs)
+        elif f.name in ("num_tasks", "runs", "batch_size", "latent") or f.name.startswith(("epochs", "meta_k", "meta_inner_steps", "meta_epochs")):
+            parser.add_argument(flag, type=positive(int), **kwargs)
+        elif kind in (int, float):
+            parser.add_argument(flag, type=non_negative(kind) if f.name != "seed" else int, **kwargs)
+        else:
+            parser.add_argument(flag, type=str, **kwargs)
+    return parser
+
+
+def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
+    parser = parser or make_parser()
+    args = parser.parse_args(argv)
+    field_names = {f.name for f in dataclasses.fields(Config)}
+    given = {k: v for k, v in vars(args).items() if k in field_names}
+    if given.get("resume") and not given.get("out"):
+        parser.error("--resume needs --out DIR (the folder of the interrupted run)")
+    if given.get("dataset") == "npz" and not given.get("path"):
+        parser.error("--dataset npz needs --path FILE.npz")
+    if not 0 <= given.get("dropout", 0.5) < 1:
+        parser.error("--dropout must be in [0, 1)")
+    cfg = resolve_config(Config(**given), overridden=set(given))
+    return cfg, set(given), args
+
+
+def main(argv=None):
+    parser = make_parser()
+    parser.add_argument("--describe", action="store_true",
+                        help="print the parameter table and exit (no data needed)")
+    cfg, overridden, args = parse_config(argv, parser)
+    if args.describe:
+        describe(cfg)
+        return 0
+    try:
+        run_experiment(cfg, "mark", train_task_mark, {}, overridden)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except TrainingDiverged as err:
+        print(f"error: training diverged at {err}\nFinished tasks are in "
+              f"{cfg.out or '(no --out given)'}/results.json.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished tasks are saved"
+              + (f" in {cfg.out}; continue with the same command plus --resume" if cfg.out
+                 else " nowhere (no --out given)"), file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
