@@ -1,0 +1,243 @@
+"""baselines.py: the baselines and the ablation beside MARK, and the reproduction table.
+
+    python baselines.py --method b1                          # one method, glyphs, quick profile
+    python baselines.py --all --runs 3 --out runs/glyphs     # MARK, B1-B4, ablation + table
+    python baselines.py --all --dataset cifar100 --profile short --out runs/c100
+    python baselines.py --table runs/glyphs                  # just print the table again
+
+A method is only as convincing as what it is compared with. Each method below
+is a different composition of the SAME steps from mark_min.py (definitions:
+MARK_REFERENCE.md section 7); nothing is copied:
+
+    method    model                         per task
+    mark      KB + F_t, M_t, C_t            steps 1, (2 on task 1), 3, 4, 5
+    b1        KB + C_t, no masks            step 2 (KB + head) on every task
+    b2        KB + C_t, no masks            step 2, step 4 (meta-update), head re-fit
+    b3        KB + F_t, M_t, C_t            step 1, then KB + M_t + C_t trained together
+    b4        one KB + C_t per task         step 2 on the task's own KB (no sharing)
+    ablation  as MARK                       steps 1, (2), 3, 5: the KB frozen after task 1
+
+Every method takes the flags of mark_min.py (dataset, seed, runs, device,
+profile, --out, ...) and writes the same results.json schema, to
+OUT/<method>/results.json with --all. --all can be stopped and started again:
+finished method-seed pairs are not run again.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+import metrics
+import mark_min as mm
+from data import DataError
+
+
+def train_task_b1(model, t, task, cfg, gen, timer):
+    """Baseline 1: sequential training of the KB with one head per task; no masks,
+    no metalearning. The KB is overwritten by each new task."""
+    with timer("2 KB + head"):
+        mm.step2_pretrain_kb(model, t, task, cfg, gen)
+
+
+def train_task_b2(model, t, task, cfg, gen, timer):
+    """Baseline 2: Baseline 1 plus the meta-update of the KB (no masks). Every
+    task's head is trained (the report's code left heads of tasks > 0
+    untrained, a bug): once with the KB, and once more after the meta-update
+    moved the KB (step 5 without masks = the head alone)."""
+    with timer("2 KB + head"):
+        mm.step2_pretrain_kb(model, t, task, cfg, gen)
+    with timer("4 meta-update"):
+        mm.step4_meta_update(model, t, task, cfg, gen, query=None)
+    with timer("5 head re-fit"):
+        mm.step5_consolidate(model, t, task, cfg, gen, query=None)
+
+
+def train_task_b3(model, t, task, cfg, gen, timer):
+    """Baseline 3: Baseline 1 plus task-specific mask generators. F_t is trained
+    as in MARK's step 1; then the KB, M_t and C_t are trained together with the
+    masks applied, on every task (the KB is trained conventionally)."""
+    with timer("1 feature extractor"):
+        mm.step1_feature_extractor(model, t, task, cfg, gen)
+        query = mm.frozen_queries(model, t, task.train.x)
+    with timer("3 KB + masks + head"):
+        mm.train_masks_and_head(model, t, task, cfg, gen, query, epochs=cfg.epochs_kb,
+                                lr=cfg.lr, where=f"task {t}, KB + masks + head", train_kb=True)
+
+
+# name -> (description, train_task function, model options)
+METHODS = {
+    "mark": ("MARK", mm.train_task_mark, {}),
+    "b1": ("Baseline 1 (sequential KB, no masks)", train_task_b1, {"masks": False}),
+    "b2": ("Baseline 2 (B1 + meta-update)", train_task_b2, {"masks": False}),
+    "b3": ("Baseline 3 (B1 + masks)", train_task_b3, {}),
+    # Baseline 4 trains each task's own KB exactly like Baseline 1 trains the shared one.
+    "b4": ("Baseline 4 (independent network per task)", train_task_b1,
+           {"masks": False, "kb_per_task": True}),
+    "ablation": ("MARK, KB frozen after task 1", partial(mm.train_task_mark, meta=False), {}),
+}
+ALIASES = {"1": "b1", "2": "b2", "3": "b3", "4": "b4", "baseline1": "b1", "baseline2": "b2",
+           "baseline3": "b3", "baseline4": "b4", "frozen": "ablation"}
+
+# MARK_REFERENCE.md section 9: (acc %, acc std or None, bwt %, source).
+REFERENCE = {
+    "cifar100": {"b1": (30.61, 0.904, -34.76, "report"), "b2": (39.62, 0.511, -5.19, "report"),
+                 "b3": (30.69, 1.008, -18.47, "report"), "mark": (78.31, 0.3, -0.27, "paper"),
+                 "ablation": (80.13, None, 0.0, "report")},
+    "imagedata": {"b1": (40.11, 3.92, -53.55, "report"), "b2": (23.16, 1.41, -73.53, "report"),
+                  "b3": (42.38, 2.94, -61.57, "report"), "mark": (99.77, 0.06, -0.0022, "report")},
+}
+# The report's own MARK row on CIFAR-100, shown beside the paper's.
+REFERENCE_EXTRA = {("cifar100", "mark"): (80.36, 0.313, -0.025, "report")}
+
+
+def run_method(cfg, method, overridden=frozenset(), log=print):
+    description, train_task, model_kwargs = METHODS[method]
+    return mm.run_experiment(cfg, method, train_task, model_kwargs, overridden, log=log)
+
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+
+def reference_cells(dataset, method):
+    refs = [REFERENCE.get(dataset, {}).get(method), REFERENCE_EXTRA.get((dataset, method))]
+    refs = [r for r in refs if r]
+    if not refs:
+        return "", ""
+    acc = " / ".join(f"{a:.2f}" + (f" ({s:g})" if s is not None else "") + f" [{src}]"
+                     for a, s, _, src in refs)
+    bwt = " / ".join(f"{b:g} [{src}]" for _, _, b, src in refs)
+    return acc, bwt
+
+
+def table_rows(results_by_method: dict, dataset: str) -> list[dict]:
+    """One row per method from its results.json content (fractions in, as metrics wants)."""
+    rows = []
+    for method, results in results_by_method.items():
+        runs = [r for r in results["runs"] if r.get("acc") is not None
+                and r["tasks_done"] == len(r["acc_matrix"])]
+        if not runs:
+            continue
+        acc_mean, acc_std = metrics.mean_std([r["acc"] for r in runs])
+        bwt_mean, _ = metrics.mean_std([r["bwt"] for r in runs])
+        ref_acc, ref_bwt = reference_cells(dataset, method)
+        rows.append({"method": METHODS[method][0], "acc_mean": acc_mean, "acc_std": acc_std,
+                     "bwt_mean": bwt_mean,
+                     "parameters": f"{runs[0]['parameters']:,d}",
+                     "wall time / run": f"{np.mean([sum(r['task_seconds']) for r in runs]) / 60:.1f} min",
+                     "runs": str(len(runs)),
+                     "reference Acc (std) %": ref_acc, "reference BWT %": ref_bwt})
+    return rows
+
+
+def all_results(out: Path) -> dict:
+    return {m: out / m / "results.json" for m in METHODS if (out / m / "results.json").exists()}
+
+
+def build_table(out: Path, dataset: str, log=print):
+    """Read OUT/<method>/results.json, print and save table.md and table.json."""
+    found = {m: json.loads(path.read_text()) for m, path in all_results(out).items()}
+    if not found:
+        raise SystemExit(f"error: no OUT/<method>/results.json under {out}; run with --all first")
+    rows = table_rows(found, dataset)
+    schedule = next(iter(found.values()))["schedule"]
+    extra = ["parameters", "wall time / run", "runs", "reference Acc (std) %", "reference BWT %"]
+    text = (f"Dataset {dataset}; {schedule}\n\n" + metrics.format_table(rows, extra_columns=extra))
+    (out / "table.md").write_text(text + "\n")
+    mm.atomic_write_json(out / "table.json", {"dataset": dataset, "schedule": schedule, "rows": rows})
+    log(text)
+    return rows
+
+
+def plot(results_paths: dict, out: Path, log=print):
+    """Per method: accuracy of each task over training (the report's Figures
+    1-2 style) and the final accuracy matrix as a heat map, as OUT/<method>.png.
+    results_paths maps method -> its results.json."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("--plot needs matplotlib, which is optional: pip install matplotlib "
+            "(the table and results.json are written without it)")
+        return
+    for method, path in results_paths.items():
+        if not path.exists():
+            continue
+        run = json.loads(path.read_text())["runs"][0]
+        R = np.array([[np.nan if v is None else v for v in row] for row in run["acc_matrix"]])
+        T = len(R)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for j in range(T):
+            ax1.plot(range(j + 1, T + 1), 100 * R[j:, j], marker=".", label=f"task {j + 1}")
+        ax1.set(xlabel="after training task", ylabel="test accuracy %",
+                title=f"{METHODS[method][0]}: accuracy of each task (seed {run['seed']})")
+        image = ax2.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
+        ax2.set(xlabel="task j", ylabel="after task i", title="accuracy matrix R (%)")
+        fig.colorbar(image, ax=ax2)
+        fig.tight_layout()
+        fig.savefig(out / f"{method}.png", dpi=100)
+        plt.close(fig)
+        log(f"wrote {out / f'{method}.png'}")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def method_name(text: str) -> str:
+    name = ALIASES.get(text.lower(), text.lower())
+    if name not in METHODS:
+        raise mm.argparse.ArgumentTypeError(
+            f"unknown method {text!r}; choose from {', '.join(METHODS)} (or 1-4)")
+    return name
+
+
+def main(argv=None):
+    parser = mm.make_parser(__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--method", type=method_name, help=f"one of {', '.join(METHODS)} or 1-4")
+    group.add_argument("--all", action="store_true", help="every method, then the table (needs --out)")
+    group.add_argument("--table", metavar="DIR", help="print the table of a finished --all run")
+    parser.add_argument("--plot", action="store_true", help="PNG plots per method (needs matplotlib)")
+    cfg, overridden, args = mm.parse_config(argv, parser)
+    if args.table:
+        build_table(Path(args.table), cfg.dataset)
+        if args.plot:
+            plot(all_results(Path(args.table)), Path(args.table))
+        return 0
+    if args.all and not cfg.out:
+        parser.error("--all needs --out DIR (one sub-folder per method, and the table)")
+    try:
+        if args.method:
+            run_method(cfg, args.method, overridden)
+            if args.plot and cfg.out:
+                plot({args.method: Path(cfg.out) / "results.json"}, Path(cfg.out))
+            return 0
+        out = Path(cfg.out)
+        for method in METHODS:
+            # finished method-seed pairs are skipped: --all always resumes
+            method_cfg = mm.dataclasses.replace(cfg, out=str(out / method), resume=True)
+            run_method(method_cfg, method, overridden)
+        build_table(out, cfg.dataset)
+        if args.plot:
+            plot(all_results(out), out)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except mm.TrainingDiverged as err:
+        print(f"error: training diverged at {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished tasks are saved; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
