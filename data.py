@@ -606,22 +606,25 @@ def _glyph_views(template: np.ndarray, n: int, rng: np.random.Generator) -> np.n
     rotation = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], 1)  # (n, 2, 2)
     shearing = np.ones((n, 2, 2))
     shearing[:, 0, 1], shearing[:, 1, 0] = shear[:, 0], shear[:, 1]
-    inverse = np.linalg.inv(scale[:, None, None] * rotation @ shearing)   # (n, 2, 2)
+    inv = np.linalg.inv(scale[:, None, None] * rotation @ shearing)      # (n, 2, 2)
     p = _grid(GLYPH_SIZE, 1.0)                                           # (400, 2)
-    q = np.einsum("nij,npj->npi", inverse, p[None] - shift[:, None])     # (n, 400, 2)
-    # template coordinates (column u, row v) in pixels; pad with a zero border
-    u = (q[..., 0] / GLYPH_EXTENT + 1) * GLYPH_TEMPLATE / 2 - 0.5        # (n, 400)
-    v = (q[..., 1] / GLYPH_EXTENT + 1) * GLYPH_TEMPLATE / 2 - 0.5
+    dx = p[None, :, 0] - shift[:, :1]                                    # (n, 400)
+    dy = p[None, :, 1] - shift[:, 1:]
+    qx = inv[:, 0, :1] * dx + inv[:, 0, 1:] * dy                         # (n, 400)
+    qy = inv[:, 1, :1] * dx + inv[:, 1, 1:] * dy
+    # template coordinates (column u, row v) in pixels
+    u = (qx / GLYPH_EXTENT + 1) * GLYPH_TEMPLATE / 2 - 0.5               # (n, 400)
+    v = (qy / GLYPH_EXTENT + 1) * GLYPH_TEMPLATE / 2 - 0.5
     u0, v0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
     fu, fv = u - u0, v - v0
+    # Bilinear interpolation between the 4 template pixels around (u, v). The
+    # template gets a zero border; indices outside are clipped into it.
     padded = np.pad(template, 1)                                         # (50, 50)
-
-    def at(row, col):   # template value, 0 outside (clipped into the border)
-        return padded[np.clip(row + 1, 0, GLYPH_TEMPLATE + 1),
-                      np.clip(col + 1, 0, GLYPH_TEMPLATE + 1)]
-
-    image = (at(v0, u0) * (1 - fu) * (1 - fv) + at(v0, u0 + 1) * fu * (1 - fv)
-             + at(v0 + 1, u0) * (1 - fu) * fv + at(v0 + 1, u0 + 1) * fu * fv)
+    last = GLYPH_TEMPLATE + 1
+    r0, r1 = np.clip(v0 + 1, 0, last), np.clip(v0 + 2, 0, last)          # (n, 400)
+    c0, c1 = np.clip(u0 + 1, 0, last), np.clip(u0 + 2, 0, last)
+    image = (padded[r0, c0] * (1 - fu) * (1 - fv) + padded[r0, c1] * fu * (1 - fv)
+             + padded[r1, c0] * (1 - fu) * fv + padded[r1, c1] * fu * fv)
     image = image + rng.normal(0, GLYPH_NOISE, image.shape)
     return image.reshape(n, GLYPH_SIZE, GLYPH_SIZE).astype(np.float32)
 
