@@ -531,10 +531,13 @@ def load_glyphs(*, seed: int, num_tasks: int | None, classes_per_task: int,
     order and the validation rows, as for CIFAR-100. Normalisation: the mean
     and std of all 75 classes' training images (one channel).
 
-    Measured (see the report of issue #2): generating takes ~1-2 s; a 2-conv
-    CNN learns one task to ~95% test accuracy in one epoch; trained task after
-    task with one head per task and no protection, its accuracy on task 0
-    falls from ~100% to 40-90% within a few tasks.
+    Measured on 2 CPU cores: generating all 75 classes takes ~2 s. A small
+    CNN (conv 1->32 k4, conv 32->64 k3, linear 576->128, one 5-way head per
+    task) reaches 94% test accuracy on task 0 after one epoch and 99-100%
+    after five. Trained task after task with no protection (SGD, lr 0.1,
+    momentum 0.9, weight decay 0.01 as in the authors' code, 10 epochs per
+    task), its task-0 accuracy falls from 98% to 27-40% within 4-5 tasks:
+    hard enough to show forgetting, easy enough to learn quickly.
     """
     images, labels = [], []
     for c in range(GLYPH_CLASSES):
