@@ -61,8 +61,7 @@ def train_task_b3(model, t, task, cfg, gen, timer):
     as in MARK's step 1; then the KB, M_t and C_t are trained together with the
     masks applied, on every task (the KB is trained conventionally)."""
     with timer("1 feature extractor"):
-        mm.step1_feature_extractor(model, t, task, cfg, gen)
-        query = mm.frozen_queries(model, t, task.train.x)
+        query = mm.step1_feature_extractor(model, t, task, cfg, gen)
     with timer("3 KB + masks + head"):
         mm.train_masks_and_head(model, t, task, cfg, gen, query, epochs=cfg.epochs_kb,
                                 lr=cfg.lr, where=f"task {t}, KB + masks + head", train_kb=True)

@@ -101,6 +101,12 @@ class Config:
     meta_sign: str = "reptile"     # reptile (towards adapted weights) | authors (away)
     meta_impl: str = "auto"        # loop | vmap | auto (vmap on CUDA, loop on CPU)
     channels_last: bool = True     # memory layout for conv nets; faster on CPU and GPU
+    threads: int | None = None     # torch CPU threads (default: torch's choice, one per core)
+    # -- SupSup extension (MARK_REFERENCE section 8) ----------------------------
+    supsup: bool = False           # one shared M and C with per-task binary supermasks
+    supsup_binarize: str = "topk"  # topk (SupSup: keep the top density of |score|) | sign (report: score >= 0)
+    supsup_density: float = 0.5    # fraction of weights kept by topk (SupSup's default)
+    infer_task: bool = False       # also evaluate without the task id at the end of a run
 
     def __post_init__(self):
         for name in ("kb_channels", "kb_kernels", "fe_channels", "fe_kernels"):
@@ -155,7 +161,7 @@ def describe_schedule(cfg: Config, overridden=frozenset()) -> str:
 
 HYPERPARAMETERS = {f.name for f in dataclasses.fields(Config)} - {
     "dataset", "data_dir", "path", "num_tasks", "profile", "epoch_scale", "seed",
-    "runs", "device", "out", "resume", "meta_impl", "channels_last"}
+    "runs", "device", "out", "resume", "meta_impl", "channels_last", "threads", "infer_task"}
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +192,10 @@ class FeatureExtractor(nn.Module):
             c, size = c_out, conv_pool_size(size, k)
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c * size * size, out_dim)
+        # Statistics of this task's training queries, set once after step 1 and
+        # used only to infer the task when no task id is given.
+        self.register_buffer("query_mean", torch.zeros(out_dim))
+        self.register_buffer("query_std", torch.ones(out_dim))
 
     def forward(self, x):                       # x: (B, C, H, W)
         h = self.features(x).flatten(1)          # (B, 32*6*6)
@@ -252,6 +262,122 @@ class PerTask(nn.ModuleList):
     def task_parameters(self, t):
         return list(self[t].parameters())
 
+    def task_module(self, t):
+        """The module that runs for task t (set to train mode while t trains)."""
+        return self[t]
+
+
+# ---------------------------------------------------------------------------
+# SupSup extension: one shared mask generator and head, per-task supermasks
+# (Wortsman et al. 2020; MARK_REFERENCE section 8)
+# ---------------------------------------------------------------------------
+
+class StraightThrough(torch.autograd.Function):
+    """Forward: the binary mask. Backward: the gradient passes unchanged to the
+    scores (the binarisation has zero gradient almost everywhere otherwise)."""
+
+    @staticmethod
+    def forward(ctx, scores, mask):
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def binarize(scores: torch.Tensor, how: str, density: float) -> torch.Tensor:
+    """Real-valued scores -> a {0, 1} mask of the same shape.
+
+    topk (SupSup): keep the `density` fraction of weights with the largest
+      |score| in this layer; the mask has exactly round(density * n) ones,
+      whatever the scores' scale (training cannot grow or shrink it).
+    sign (the report): keep the weights with score >= 0; the density is
+      whatever training makes it, and weight decay, which pulls scores
+      towards 0, can flip weights in and out.
+    """
+    if how == "sign":
+        mask = (scores >= 0).to(scores.dtype)
+    else:
+        k = round(density * scores.numel())
+        mask = torch.zeros_like(scores).flatten()
+        mask[scores.abs().flatten().topk(k).indices] = 1
+        mask = mask.view_as(scores)
+    return StraightThrough.apply(scores, mask)
+
+
+class SupermaskLinear(nn.Module):
+    """y = x @ (W * mask_t)^T with W fixed at random signed constants.
+
+    W = +-sqrt(2 / fan_in) (a buffer: never trained, stored once); each task t
+    owns real-valued scores of W's shape, and mask_t = binarize(scores_t).
+    Only task t's scores are a trainable parameter while task t trains; a
+    task's mask can be stored as bits (pack_mask) and used instead of its
+    scores (forward(..., mask=...)) with exactly the same output.
+    """
+
+    def __init__(self, in_features, out_features, num_tasks, how="topk", density=0.5):
+        super().__init__()
+        sign = torch.randint(0, 2, (out_features, in_features)) * 2.0 - 1.0
+        self.register_buffer("weight", sign * math.sqrt(2.0 / in_features))
+        self.scores = nn.ParameterList(
+            nn.Parameter(nn.init.kaiming_uniform_(torch.empty(out_features, in_features), a=math.sqrt(5)))
+            for _ in range(num_tasks))
+        self.how, self.density = how, density
+
+    def mask(self, t):
+        return binarize(self.scores[t], self.how, self.density)
+
+    def forward(self, x, t, mask=None):             # x: (B, in) -> (B, out)
+        return F.linear(x, self.weight * (self.mask(t) if mask is None else mask))
+
+    def pack_mask(self, t) -> torch.Tensor:
+        """Task t's mask as bits: uint8, 1 bit per weight (numel / 8 bytes)."""
+        bits = self.mask(t).detach().flatten().to(torch.uint8).cpu().numpy()
+        return torch.from_numpy(np.packbits(bits))
+
+    def unpack_mask(self, packed: torch.Tensor) -> torch.Tensor:
+        bits = np.unpackbits(packed.numpy(), count=self.weight.numel())
+        return torch.from_numpy(bits).to(self.weight).view_as(self.weight)
+
+
+class SupSupMaskGenerator(nn.Module):
+    """One mask generator for all tasks: three SupermaskLinear layers
+    (latent -> 64, 128, 256) + the mask activation; task t uses its supermask."""
+
+    def __init__(self, latent, channels, num_tasks, activation, how, density):
+        super().__init__()
+        self.layers = nn.ModuleList(SupermaskLinear(latent, c, num_tasks, how, density)
+                                    for c in channels)
+        self.activation = {"relu": F.relu, "sigmoid": torch.sigmoid}[activation]
+
+    def forward(self, q, t):                         # q: (B, latent) -> [(B, c_l)]
+        return [self.activation(layer(q, t)) for layer in self.layers]
+
+    def task_parameters(self, t):
+        return [layer.scores[t] for layer in self.layers]
+
+    def task_module(self, t):
+        return self
+
+
+class SupSupHead(nn.Module):
+    """One classifier for all tasks: latent -> max classes, with per-task
+    supermasks; task t reads the first k_t outputs."""
+
+    def __init__(self, latent, classes_per_task, how, density):
+        super().__init__()
+        self.classes = list(classes_per_task)
+        self.layer = SupermaskLinear(latent, max(self.classes), len(self.classes), how, density)
+
+    def forward(self, z, t):                         # z: (B, latent) -> (B, k_t)
+        return self.layer(z, t)[:, :self.classes[t]]
+
+    def task_parameters(self, t):
+        return [self.layer.scores[t]]
+
+    def task_module(self, t):
+        return self
+
 
 class MARKNet(nn.Module):
     """The whole MARK model for a stream of T tasks.
@@ -263,6 +389,9 @@ class MARKNet(nn.Module):
 
     The same class builds the baselines: masks=False drops F and M (Baselines
     1, 2, 4), kb_per_task=True gives every task its own KB (Baseline 4).
+    cfg.supsup replaces the per-task M_t and C_t by one SupSupMaskGenerator
+    and one SupSupHead with per-task supermasks. Either way,
+    mask_generators(q, t), heads(z, t) and .task_parameters(t) are task t's.
     """
 
     def __init__(self, in_shape, classes_per_task, cfg: Config, masks=True, kb_per_task=False):
@@ -275,16 +404,25 @@ class MARKNet(nn.Module):
         if masks:
             self.extractors = PerTask(FeatureExtractor(in_shape, cfg.fe_channels, cfg.fe_kernels,
                                                        cfg.latent) for _ in range(T))
+        if masks and cfg.supsup:
+            self.mask_generators = SupSupMaskGenerator(cfg.latent, cfg.kb_channels, T,
+                                                       cfg.mask_activation, cfg.supsup_binarize,
+                                                       cfg.supsup_density)
+        elif masks:
             self.mask_generators = PerTask(MaskGenerator(cfg.latent, cfg.kb_channels,
                                                          cfg.mask_activation) for _ in range(T))
-        self.heads = PerTask(nn.Linear(cfg.latent, k) for k in classes_per_task)
+        if cfg.supsup:
+            self.heads = SupSupHead(cfg.latent, classes_per_task, cfg.supsup_binarize,
+                                    cfg.supsup_density)
+        else:
+            self.heads = PerTask(nn.Linear(cfg.latent, k) for k in classes_per_task)
 
     def kb(self, t) -> KnowledgeBase:
         return self.kbs[t if len(self.kbs) > 1 else 0]
 
     def new_head(self, num_classes) -> nn.Module:
         """A fresh, randomly initialised head (step 1's throwaway head, step 4's meta-task head)."""
-        return nn.Linear(self.cfg.latent, num_classes).to(self.heads[0].weight.device)
+        return nn.Linear(self.cfg.latent, num_classes).to(next(self.kbs[0].parameters()).device)
 
     def masks(self, x, t, query=None):
         """m = M_t(F_t(x)): list of (B, c_l). `query` = a precomputed F_t(x)."""
@@ -375,6 +513,9 @@ def frozen_queries(model: MARKNet, t, x, chunk=1024):
 def step1_feature_extractor(model: MARKNet, t, task: Task, cfg: Config, gen):
     """Step 1. "Train F_t with a throwaway linear head (128->5) for 50 epochs at
     the task learning rate, gradient-norm clipping 0.5. Then freeze F_t."
+
+    Returns F_t(x) of the training set (frozen from now on, so steps 3-5 reuse
+    it) and keeps its mean and std for task inference.
     """
     fe, probe = model.extractors[t], model.new_head(task.num_classes)
     x, y = task.train.x, task.train.y
@@ -382,6 +523,10 @@ def step1_feature_extractor(model: MARKNet, t, task: Task, cfg: Config, gen):
         params=[*fe.parameters(), *probe.parameters()], train_modules=[fe, probe],
         epochs=cfg.epochs_fe, lr=cfg.lr, where=f"task {t}, step 1 (feature extractor)")
     fe.eval().requires_grad_(False)          # frozen for good: eval mode, no gradient
+    query = frozen_queries(model, t, x)
+    fe.query_mean.copy_(query.mean(0))
+    fe.query_std.copy_(query.std(0).clamp_min(1e-3))
+    return query
 
 
 def step2_pretrain_kb(model: MARKNet, t, task: Task, cfg: Config, gen):
@@ -390,10 +535,11 @@ def step2_pretrain_kb(model: MARKNet, t, task: Task, cfg: Config, gen):
 
     Baselines 1, 2 and 4 call this on every task (no masks at all).
     """
-    kb, head = model.kb(t), model.heads[t]
+    kb = model.kb(t)
     x, y = task.train.x, task.train.y
-    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(head(kb(x[i])), y[i]),
-        params=[*kb.parameters(), *head.parameters()], train_modules=[kb, head],
+    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(model.heads(kb(x[i]), t), y[i]),
+        params=[*kb.parameters(), *model.heads.task_parameters(t)],
+        train_modules=[kb, model.heads.task_module(t)],
         epochs=cfg.epochs_kb, lr=cfg.lr, where=f"task {t}, step 2 (KB pre-training)")
 
 
@@ -403,10 +549,12 @@ def train_masks_and_head(model: MARKNet, t, task: Task, cfg: Config, gen, query,
     precomputed). Models without masks (Baseline 2) train C_t alone; train_kb
     adds the KB (Baseline 3: the KB trained conventionally, with masks)."""
     x, y = task.train.x, task.train.y
-    kb, head = model.kb(t), model.heads[t]
-    modules = [head] + ([model.mask_generators[t]] if model.use_masks else [])
-    modules += [kb] if train_kb else []
-    params = [p for m in modules for p in m.parameters()]
+    params, modules = model.heads.task_parameters(t), [model.heads.task_module(t)]
+    if model.use_masks:
+        mg = model.mask_generators
+        params, modules = params + mg.task_parameters(t), modules + [mg.task_module(t)]
+    if train_kb:
+        params, modules = params + list(model.kb(t).parameters()), modules + [model.kb(t)]
     q = (lambda i: None) if query is None else (lambda i: query[i])
     fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(model(x[i], t, q(i)), y[i]),
         params=params, train_modules=modules, epochs=epochs, lr=lr, where=where)
@@ -585,8 +733,7 @@ def apply_meta_step(kb: nn.Module, deltas, weights, sign, eps, weight_decay):
 def train_task_mark(model, t, task, cfg, gen, timer, *, meta=True):
     """Steps 1-5 for task t. meta=False is the frozen-KB ablation."""
     with timer("1 feature extractor"):
-        step1_feature_extractor(model, t, task, cfg, gen)
-        query = frozen_queries(model, t, task.train.x)
+        query = step1_feature_extractor(model, t, task, cfg, gen)
     if t == 0:
         with timer("2 KB pre-training"):
             step2_pretrain_kb(model, t, task, cfg, gen)
@@ -606,6 +753,60 @@ def evaluate(model: MARKNet, t, split, chunk=1000) -> float:
     correct = sum((model(xb, t).argmax(1) == yb).sum() for xb, yb in
                   zip(split.x.split(chunk), split.y.split(chunk)))
     return float(correct) / len(split.y)
+
+
+def normalised_entropy(logits):
+    """Mean entropy of the softmax over a batch, divided by log k (in [0, 1])."""
+    logp = F.log_softmax(logits, 1)
+    return -(logp.exp() * logp).sum(1).mean() / math.log(logits.shape[1])
+
+
+def query_distance(model: MARKNet, xb, t):
+    """How unlike task t's training queries F_t(xb) are: mean squared z-score."""
+    fe = model.extractors[t]
+    return (((fe(xb) - fe.query_mean) / fe.query_std) ** 2).mean()
+
+
+@torch.inference_mode()
+def evaluate_without_task_id(model: MARKNet, tasks, batch_size=128) -> dict:
+    """Task-agnostic evaluation (beyond the report): the task id is not given.
+
+    Each test batch (all from one task u) is assigned the task t that scores
+    best among all learned tasks, then classified with task t's model; a wrong
+    task means a wrong label space, so every image of that batch is an error.
+    Two scores, both reported:
+      entropy: run every task's full model (F_t, M_t, KB, C_t) and take the
+        most confident one (lowest mean normalised entropy). T full forward
+        passes per batch. ReLU networks are confidently wrong far from their
+        training data, so this can fail even on easy streams.
+      query: how far F_t(x) lies from the mean of task t's training queries,
+        in units of their std (statistics kept after step 1: 2 x latent
+        numbers per task). T feature-extractor passes + 1 full pass per batch.
+
+    SupSup's one-shot alternative (superpose all masks with weights alpha and
+    follow the gradient of the entropy w.r.t. alpha) needs one network whose
+    only task-specific parts are masks. MARK keeps a feature extractor per
+    task, so its queries, and hence its masks, cannot be superposed; the same
+    two scores serve MARK and MARK + SupSup.
+    """
+    model.eval()
+    T = len(tasks)
+    tally = {name: {"hits": 0, "correct": 0} for name in ("entropy", "query")}
+    batches = seen = 0
+    for u, task in enumerate(tasks):
+        for xb, yb in zip(task.test.x.split(batch_size), task.test.y.split(batch_size)):
+            logits = [model(xb, t) for t in range(T)]
+            guesses = {"entropy": int(torch.stack([normalised_entropy(lg) for lg in logits]).argmin()),
+                       "query": int(torch.stack([query_distance(model, xb, t) for t in range(T)]).argmin())}
+            for name, guess in guesses.items():
+                if guess == u:
+                    tally[name]["hits"] += 1
+                    tally[name]["correct"] += int((logits[u].argmax(1) == yb).sum())
+            batches, seen = batches + 1, seen + len(yb)
+    return {name: {"task_inference_accuracy": c["hits"] / batches,
+                   "accuracy_inferred_task": c["correct"] / seen,
+                   "forward_passes_per_batch": f"{T} full" if name == "entropy" else f"{T} F_t + 1 full"}
+            for name, c in tally.items()} | {"batch_size": batch_size}
 
 
 # ---------------------------------------------------------------------------
@@ -725,6 +926,15 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
         if on_task_done:
             on_task_done(record)
+    if cfg.infer_task and "task_agnostic" not in record:
+        agnostic = evaluate_without_task_id(model, tasks)
+        record["task_agnostic"] = {**agnostic, "accuracy_given_task": record["acc"]}
+        for name in ("entropy", "query"):
+            log(f"[{method} seed {seed}] without the task id ({name}): task inferred for "
+                f"{100 * agnostic[name]['task_inference_accuracy']:.1f}% of test batches, accuracy "
+                f"{100 * agnostic[name]['accuracy_inferred_task']:.2f}% (task given: {100 * record['acc']:.2f}%)")
+        if on_task_done:
+            on_task_done(record)
     return record
 
 
@@ -742,6 +952,8 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
                    log=print) -> dict:
     """Run `method` over seeds seed..seed+runs-1; write results.json after every task."""
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else None
     results_path = out / "results.json" if out else None
     if out:
@@ -794,26 +1006,64 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
 # --describe: parameter counts, measured on the real modules
 # ---------------------------------------------------------------------------
 
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def describe(cfg: Config, log=print):
-    """Print the parameter table per component and in total for T tasks."""
+    """Print the parameter table per component and in total for T tasks, and
+    the storage table of MARK, MARK + SupSup and Baseline 4 for growing T.
+    Every number is counted on real modules (built on the 'meta' device, so
+    even 1000 tasks allocate no memory)."""
     if cfg.dataset not in KNOWN_SHAPES:
         raise SystemExit(f"error: --describe knows the input shape of {sorted(KNOWN_SHAPES)}; "
                          f"for {cfg.dataset} run a short training and read 'parameters' in results.json")
     shape, classes = KNOWN_SHAPES[cfg.dataset], KNOWN_CLASSES[cfg.dataset]
     if cfg.num_tasks:
         classes = classes[:cfg.num_tasks]
-    model = MARKNet(shape, classes, cfg)
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    rows = [("knowledge base KB (shared)", count(model.kbs[0]), 1),
-            ("feature extractor F_t (per task)", count(model.extractors[0]), len(classes)),
-            ("mask generator M_t (per task)", count(model.mask_generators[0]), len(classes)),
-            ("classifier head C_t (per task)", count(model.heads[0]), len(classes))]
+    plain = dataclasses.replace(cfg, supsup=False)
+    with torch.device("meta"):
+        model = MARKNet(shape, classes, plain)
+    rows = [("knowledge base KB (shared)", count_parameters(model.kbs[0]), 1),
+            ("feature extractor F_t (per task)", count_parameters(model.extractors[0]), len(classes)),
+            ("mask generator M_t (per task)", count_parameters(model.mask_generators[0]), len(classes)),
+            ("classifier head C_t (per task)", count_parameters(model.heads[0]), len(classes))]
     log(f"MARK on {cfg.dataset}: input {shape}, {len(classes)} tasks")
     log(f"{'component':<36s}{'each':>10s}{'x':>5s}{'total':>12s}")
     for name, n, times in rows:
         log(f"{name:<36s}{n:>10,d}{times:>5d}{n * times:>12,d}")
-    log(f"{'total':<36s}{'':>15s}{count(model):>12,d}")
-    return count(model)
+    total = count_parameters(model)
+    log(f"{'total':<36s}{'':>15s}{total:>12,d}\n")
+    log(storage_table(cfg, shape, classes[0]))
+    return total
+
+
+def storage(cfg: Config, shape, k, T) -> dict:
+    """Parameters and stored bytes (float32 = 4 bytes) of each method for T tasks of k classes.
+
+    MARK + SupSup stores its fixed random weights once (they could also be
+    regenerated from a seed) and each task's supermasks as bits; its trained
+    float scores are needed only while a task trains."""
+    with torch.device("meta"):
+        mark = MARKNet(shape, [k] * T, dataclasses.replace(cfg, supsup=False))
+        sup = MARKNet(shape, [k] * T, dataclasses.replace(cfg, supsup=True))
+        b4 = MARKNet(shape, [k] * T, cfg, masks=False, kb_per_task=True)
+    supermasks = [m for m in sup.modules() if isinstance(m, SupermaskLinear)]
+    fixed = sum(m.weight.numel() for m in supermasks)
+    bits_bytes = sum(math.ceil(m.weight.numel() / 8) for m in supermasks)   # = pack_mask's size
+    floats = count_parameters(sup) - sum(s.numel() for m in supermasks for s in m.scores)
+    return {"mark": (count_parameters(mark), 4 * count_parameters(mark)),
+            "supsup": (floats + fixed, 4 * (floats + fixed) + T * bits_bytes),
+            "b4": (count_parameters(b4), 4 * count_parameters(b4))}
+
+
+def storage_table(cfg: Config, shape, k, tasks=(20, 100, 308, 1000)) -> str:
+    lines = ["Storage for T tasks (parameters stored / megabytes on disk, float32, SupSup masks as bits):",
+             f"{'T':>6s}  {'MARK':>24s}  {'MARK + SupSup':>24s}  {'Baseline 4':>24s}"]
+    for T in tasks:
+        cells = [f"{p:>12,d} / {b / 1e6:7.1f} MB" for p, b in storage(cfg, shape, k, T).values()]
+        lines.append(f"{T:>6d}  " + "  ".join(f"{c:>24s}" for c in cells))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -826,8 +1076,12 @@ FLAG_HELP = {
     "meta_sign": "reptile: move the KB towards the adapted weights (default); authors: away (their code)",
     "mask_activation": "relu (authors' default) or sigmoid",
     "meta_impl": "loop | vmap | auto (vmap on CUDA)",
+    "supsup": "replace the per-task M_t and C_t by one shared SupSup mask generator and head",
+    "supsup_binarize": "topk: SupSup's top-density |score| per layer; sign: the report's score >= 0",
+    "infer_task": "after the run, also evaluate without the task id (lowest-entropy task)",
 }
 CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz"], "profile": list(PROFILES),
+           "supsup_binarize": ["topk", "sign"],
            "meta_sign": ["reptile", "authors"], "mask_activation": ["relu", "sigmoid"],
            "meta_impl": ["auto", "loop", "vmap"]}
 
@@ -864,7 +1118,7 @@ def make_parser(description=None) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=positive(int), nargs="+", **kwargs)
         elif f.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[f.name], **kwargs)
-        elif f.name in ("num_tasks", "runs", "batch_size", "latent") or f.name.startswith(("epochs", "meta_k", "meta_inner_steps", "meta_epochs")):
+        elif f.name in ("num_tasks", "runs", "batch_size", "latent", "threads") or f.name.startswith(("epochs", "meta_k", "meta_inner_steps", "meta_epochs")):
             parser.add_argument(flag, type=positive(int), **kwargs)
         elif kind in (int, float):
             parser.add_argument(flag, type=non_negative(kind) if f.name != "seed" else int, **kwargs)
@@ -884,6 +1138,8 @@ def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
         parser.error("--dataset npz needs --path FILE.npz")
     if not 0 <= given.get("dropout", 0.5) < 1:
         parser.error("--dropout must be in [0, 1)")
+    if not 0 < given.get("supsup_density", 0.5) <= 1:
+        parser.error("--supsup-density must be in (0, 1]")
     cfg = resolve_config(Config(**given), overridden=set(given))
     return cfg, set(given), args
 

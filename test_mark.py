@@ -165,9 +165,8 @@ def test_frozen_feature_extractor_keeps_its_batchnorm_statistics():
     cfg, tasks = tiny_cfg(), tiny_tasks(T=1)
     model = mm.build_model(cfg, tasks[0].input_shape, [3], CPU)
     gen = torch.Generator().manual_seed(0)
-    mm.step1_feature_extractor(model, 0, tasks[0], cfg, gen)
+    q = mm.step1_feature_extractor(model, 0, tasks[0], cfg, gen)
     after_step1 = snapshot(model.extractors[0])
-    q = mm.frozen_queries(model, 0, tasks[0].train.x)
     mm.step3_masks_and_head(model, 0, tasks[0], cfg, gen, q)
     mm.step5_consolidate(model, 0, tasks[0], cfg, gen, q)
     assert_identical(after_step1, snapshot(model.extractors[0]))
@@ -179,9 +178,8 @@ def test_step3_trains_only_the_mask_generator_and_head_of_task_t():
     cfg, tasks = tiny_cfg(), tiny_tasks(T=2)
     model = mm.build_model(cfg, tasks[0].input_shape, [3, 3], CPU)
     gen = torch.Generator().manual_seed(0)
-    mm.step1_feature_extractor(model, 1, tasks[1], cfg, gen)
+    q = mm.step1_feature_extractor(model, 1, tasks[1], cfg, gen)
     before = snapshot(model)
-    q = mm.frozen_queries(model, 1, tasks[1].train.x)
     mm.step3_masks_and_head(model, 1, tasks[1], cfg, gen, q)
     after = snapshot(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -249,8 +247,7 @@ def prepared_model(cfg, task, seed=0):
     torch.manual_seed(seed)
     model = mm.build_model(cfg, task.input_shape, [task.num_classes], CPU)
     gen = torch.Generator().manual_seed(seed)
-    mm.step1_feature_extractor(model, 0, task, cfg, gen)
-    q = mm.frozen_queries(model, 0, task.train.x)
+    q = mm.step1_feature_extractor(model, 0, task, cfg, gen)
     mm.step2_pretrain_kb(model, 0, task, cfg, gen)
     mm.step3_masks_and_head(model, 0, task, cfg, gen, q)
     return model, gen, q
@@ -466,3 +463,119 @@ def test_cuda_run_matches_the_model_on_cuda(tmp_path, monkeypatch):
     mm.train_task_mark(model, 0, tasks[0], cfg, gen, mm.StepTimer(torch.device("cuda"), print))
     assert all(p.is_cuda for p in model.parameters())
     assert 0 <= mm.evaluate(model, 0, tasks[0].test) <= 1
+
+
+# ---------------------------------------------------------------------------
+# SupSup extension: supermasks, isolation, bits, task inference
+# ---------------------------------------------------------------------------
+
+@SETTINGS
+@given(density=st.floats(0.05, 1.0), rows=st.integers(1, 20), cols=st.integers(1, 20),
+       seed=st.integers(0, 2**16))
+def test_topk_supermasks_have_exactly_the_requested_density(density, rows, cols, seed):
+    torch.manual_seed(seed)
+    layer = mm.SupermaskLinear(cols, rows, num_tasks=2, how="topk", density=density)
+    for t in range(2):
+        assert layer.mask(t).sum().item() == round(density * rows * cols)
+        assert set(layer.mask(t).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_sign_supermasks_keep_exactly_the_non_negative_scores():
+    layer = mm.SupermaskLinear(4, 3, num_tasks=1, how="sign")
+    with torch.no_grad():
+        layer.scores[0].copy_(torch.arange(12.0).view(3, 4) - 5)
+    assert torch.equal(layer.mask(0), (torch.arange(12.0).view(3, 4) >= 5).float())
+
+
+@pytest.mark.parametrize("how", ["topk", "sign"])
+def test_straight_through_gradient_reaches_the_scores_and_weights_stay_fixed(how):
+    torch.manual_seed(0)
+    layer = mm.SupermaskLinear(6, 4, num_tasks=2, how=how)
+    weight = layer.weight.clone()
+    layer(torch.randn(5, 6), 1).pow(2).sum().backward()
+    assert layer.scores[1].grad is not None and layer.scores[1].grad.abs().sum() > 0
+    assert layer.scores[0].grad is None                 # another task: not even touched
+    assert not layer.weight.requires_grad and torch.equal(layer.weight, weight)
+    torch.testing.assert_close(layer.weight.abs(), torch.full((4, 6), (2 / 6) ** 0.5))
+
+
+@pytest.mark.parametrize("how", ["topk", "sign"])
+def test_supsup_training_task_t_leaves_every_other_tasks_scores_bit_identical(how):
+    """With the optimizer the method uses (SGD, momentum, weight decay): no
+    update, decay or momentum ever reaches another task's scores."""
+    torch.manual_seed(0)
+    cfg, tasks = tiny_cfg(supsup=True, supsup_binarize=how), tiny_tasks(T=3)
+    model = mm.build_model(cfg, tasks[0].input_shape, [3, 3, 3], CPU)
+    gen = torch.Generator().manual_seed(0)
+    timer = mm.StepTimer(CPU, lambda *_: None)
+    layers = [m for m in model.modules() if isinstance(m, mm.SupermaskLinear)]
+    weights = [layer.weight.clone() for layer in layers]
+    for t in range(3):
+        others = {(i, s): layer.scores[s].detach().clone() for i, layer in enumerate(layers)
+                  for s in range(3) if s != t}
+        mine = [layer.scores[t].detach().clone() for layer in layers]
+        mm.train_task_mark(model, t, tasks[t], cfg, gen, timer)
+        for (i, s), before in others.items():
+            assert torch.equal(layers[i].scores[s], before), f"task {s}'s scores moved while {t} trained"
+        assert any(not torch.equal(layer.scores[t], m) for layer, m in zip(layers, mine))
+    for layer, w in zip(layers, weights):
+        assert torch.equal(layer.weight, w)
+
+
+def test_supermasks_stored_as_bits_reproduce_the_forward_pass_exactly():
+    torch.manual_seed(0)
+    layer = mm.SupermaskLinear(37, 11, num_tasks=3)       # 407 weights: not a multiple of 8
+    x = torch.randn(4, 37)
+    for t in range(3):
+        packed = layer.pack_mask(t)
+        assert packed.dtype == torch.uint8 and packed.numel() == (37 * 11 + 7) // 8
+        assert torch.equal(layer(x, t, mask=layer.unpack_mask(packed)), layer(x, t))
+
+
+def test_supsup_end_to_end_run_trains_and_evaluates(tmp_path, monkeypatch):
+    results = run_tiny(tmp_path, monkeypatch, supsup=True, supsup_binarize="sign")
+    run = results["runs"][0]
+    assert run["tasks_done"] == 3 and 0 <= run["acc"] <= 1
+
+
+def separable_tasks(T=3, k=2):
+    """Task t's images are a fixed random pattern of its own, plus or minus a
+    class offset: trivially told apart, both task and class."""
+    g = torch.Generator().manual_seed(0)
+    tasks = []
+    for t in range(T):
+        pattern = torch.randn(1, 20, 20, generator=g)
+
+        def split(n):
+            y = torch.arange(n) % k
+            x = pattern + 0.5 * (y.float() * 2 - 1)[:, None, None, None] \
+                + 0.1 * torch.randn(n, 1, 20, 20, generator=g)
+            return Split(x, y)
+        tasks.append(Task(t, [t * k, t * k + 1], ["a", "b"], split(64), split(8), split(40)))
+    return tasks
+
+
+@pytest.mark.parametrize("supsup", [False, True])
+def test_task_inference_finds_the_task_on_a_trivially_separable_stream(supsup):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(supsup=supsup, latent=16, lr=0.05, batch_size=32, epochs_fe=8, epochs_kb=8, epochs_masks=8,
+                   epochs_consolidate=2)
+    tasks = separable_tasks()
+    model = mm.build_model(cfg, tasks[0].input_shape, [2, 2, 2], CPU)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(3):
+        mm.train_task_mark(model, t, tasks[t], cfg, gen, mm.StepTimer(CPU, lambda *_: None))
+    result = mm.evaluate_without_task_id(model, tasks, batch_size=20)["query"]
+    assert result["task_inference_accuracy"] == 1.0
+    given_acc = np.mean([mm.evaluate(model, t, tasks[t].test) for t in range(3)])
+    assert result["accuracy_inferred_task"] == pytest.approx(given_acc)
+
+
+def test_storage_table_counts_masks_as_bits():
+    cfg = mm.Config()
+    rows = {T: mm.storage(cfg, (3, 32, 32), 5, T) for T in (1, 2)}
+    per_task = {m: rows[2][m][1] - rows[1][m][1] for m in rows[1]}
+    assert per_task["mark"] == 4 * (158_528 + 57_792 + 645)
+    assert per_task["b4"] == 4 * (339_520 + 645)
+    # SupSup: F_t in float32 plus one bit per weight of the shared M and C (no biases)
+    assert per_task["supsup"] == 4 * 158_528 + (128 * 64 + 128 * 128 + 128 * 256) // 8 + (128 * 5) // 8
