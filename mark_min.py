@@ -79,6 +79,8 @@ class Config:
     fe_kernels: tuple = (4, 3)            # authors' code
     dropout: float = 0.5           # after the KB's linear layer (authors' code)
     mask_activation: str = "relu"  # relu (authors' default) | sigmoid
+    seq_query: int = 64            # sequences: F_t's LSTM size (the report's MarketCL model)
+    seq_channels: tuple = (64, 128, 256)  # sequences: the KB's three stacked LSTMs (the report)
     # -- ordinary training: steps 1, 2, 3, 5 (MARK_REFERENCE section 3) --------
     batch_size: int = 128          # authors
     lr: float = 0.1                # authors, CIFAR-100 (0.01 for MiniImageNet)
@@ -109,7 +111,7 @@ class Config:
     infer_task: bool = False       # also evaluate without the task id at the end of a run
 
     def __post_init__(self):
-        for name in ("kb_channels", "kb_kernels", "fe_channels", "fe_kernels"):
+        for name in ("kb_channels", "kb_kernels", "fe_channels", "fe_kernels", "seq_channels"):
             setattr(self, name, tuple(getattr(self, name)))
 
 
@@ -267,6 +269,59 @@ class PerTask(nn.ModuleList):
         return self[t]
 
 
+# -- the sequence family (MarketCL, MARK_REFERENCE section 8) ----------------
+
+def last_step(h, lengths):
+    """h: (B, L, C) -> (B, C), each sequence's output at its TRUE last step.
+
+    The LSTMs run forward in time, so the output at step lengths-1 never saw
+    the zero padding after it; reading h[:, -1] instead would read padding.
+    """
+    return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+
+
+def trimmed(seqs):
+    """Drop the padding columns no sequence of this batch reaches (saves
+    LSTM steps; one host sync per batch, the price of a shorter loop)."""
+    return seqs.x[:, :int(seqs.lengths.max())]
+
+
+class SequenceFeatureExtractor(nn.Module):
+    """F_t for sequences: one LSTM (features -> 64); the query is its output at
+    each sequence's true last step."""
+
+    def __init__(self, n_features, hidden=64):
+        super().__init__()
+        self.lstm = nn.LSTM(n_features, hidden, batch_first=True)
+        self.register_buffer("query_mean", torch.zeros(hidden))   # as FeatureExtractor
+        self.register_buffer("query_std", torch.ones(hidden))
+
+    def forward(self, seqs):                    # seqs.x: (B, L, F) -> (B, hidden)
+        h, _ = self.lstm(trimmed(seqs))         # (B, L', hidden)
+        return last_step(h, seqs.lengths)
+
+
+class SequenceKnowledgeBase(nn.Module):
+    """KB for sequences: three stacked LSTMs (F -> 64 -> 128 -> 256); each
+    layer's whole output sequence is multiplied by its mask, one scale per
+    channel and sequence: h_l = LSTM_l(h_{l-1}) * m_l[:, None, :]. Output: the
+    last layer at the true last step, then dropout."""
+
+    def __init__(self, n_features, channels=(64, 128, 256), dropout=0.5):
+        super().__init__()
+        sizes = (n_features,) + tuple(channels)
+        self.lstms = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in zip(sizes, sizes[1:]))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, seqs, masks=None):        # seqs.x: (B, L, F)
+        h = trimmed(seqs)
+        for l, lstm in enumerate(self.lstms):
+            h, _ = lstm(h)                      # (B, L', c_l)
+            if masks is not None:
+                h = h * masks[l][:, None, :]    # m_l: (B, c_l), same scale at every time step
+        return self.dropout(last_step(h, seqs.lengths))   # (B, 256)
+
+
 # ---------------------------------------------------------------------------
 # SupSup extension: one shared mask generator and head, per-task supermasks
 # (Wortsman et al. 2020; MARK_REFERENCE section 8)
@@ -394,35 +449,73 @@ class MARKNet(nn.Module):
     mask_generators(q, t), heads(z, t) and .task_parameters(t) are task t's.
     """
 
-    def __init__(self, in_shape, classes_per_task, cfg: Config, masks=True, kb_per_task=False):
+    def __init__(self, in_shape, classes_per_task, cfg: Config, masks=True, kb_per_task=False,
+                 labels=1):
         super().__init__()
         self.in_shape, self.cfg, self.use_masks = tuple(in_shape), cfg, masks
         T = len(classes_per_task)
-        make_kb = lambda: KnowledgeBase(in_shape, cfg.kb_channels, cfg.kb_kernels,
-                                        cfg.latent, cfg.dropout)
+        # labels > 1: every input carries several labels (MarketCL: 4 heads of 4
+        # classes); a head then outputs labels x classes logits.
+        self.labels = labels
+        if len(in_shape) == 2:                 # (L, F): sequences, the LSTM family
+            n_features = in_shape[1]
+            query, channels, out = cfg.seq_query, cfg.seq_channels, cfg.seq_channels[-1]
+            make_kb = lambda: SequenceKnowledgeBase(n_features, channels, cfg.dropout)
+            make_fe = lambda: SequenceFeatureExtractor(n_features, query)
+        else:                                  # (C, H, W): images, the authors' CNNs
+            query, channels, out = cfg.latent, cfg.kb_channels, cfg.latent
+            make_kb = lambda: KnowledgeBase(in_shape, channels, cfg.kb_kernels, out, cfg.dropout)
+            make_fe = lambda: FeatureExtractor(in_shape, cfg.fe_channels, cfg.fe_kernels, query)
+        self.kb_out, self.query_dim = out, query
         self.kbs = nn.ModuleList(make_kb() for _ in range(T if kb_per_task else 1))
         if masks:
-            self.extractors = PerTask(FeatureExtractor(in_shape, cfg.fe_channels, cfg.fe_kernels,
-                                                       cfg.latent) for _ in range(T))
+            self.extractors = PerTask(make_fe() for _ in range(T))
         if masks and cfg.supsup:
-            self.mask_generators = SupSupMaskGenerator(cfg.latent, cfg.kb_channels, T,
-                                                       cfg.mask_activation, cfg.supsup_binarize,
-                                                       cfg.supsup_density)
+            self.mask_generators = SupSupMaskGenerator(query, channels, T, cfg.mask_activation,
+                                                       cfg.supsup_binarize, cfg.supsup_density)
         elif masks:
-            self.mask_generators = PerTask(MaskGenerator(cfg.latent, cfg.kb_channels,
-                                                         cfg.mask_activation) for _ in range(T))
+            self.mask_generators = PerTask(MaskGenerator(query, channels, cfg.mask_activation)
+                                           for _ in range(T))
+        outputs = [k * labels for k in classes_per_task]
         if cfg.supsup:
-            self.heads = SupSupHead(cfg.latent, classes_per_task, cfg.supsup_binarize,
-                                    cfg.supsup_density)
+            self.heads = SupSupHead(out, outputs, cfg.supsup_binarize, cfg.supsup_density)
         else:
-            self.heads = PerTask(nn.Linear(cfg.latent, k) for k in classes_per_task)
+            self.heads = PerTask(nn.Linear(out, k) for k in outputs)
+        # Inverse-frequency class weights per task and label (used when labels > 1).
+        self.register_buffer("class_weights", torch.ones(T, labels, max(classes_per_task)))
 
     def kb(self, t) -> KnowledgeBase:
         return self.kbs[t if len(self.kbs) > 1 else 0]
 
-    def new_head(self, num_classes) -> nn.Module:
-        """A fresh, randomly initialised head (step 1's throwaway head, step 4's meta-task head)."""
-        return nn.Linear(self.cfg.latent, num_classes).to(next(self.kbs[0].parameters()).device)
+    def new_head(self, num_classes, inputs=None) -> nn.Module:
+        """A fresh, randomly initialised head (step 1's throwaway head on F_t's
+        query, step 4's meta-task head on the KB's output)."""
+        device = next(self.kbs[0].parameters()).device
+        return nn.Linear(inputs or self.kb_out, num_classes * self.labels).to(device)
+
+    def set_class_weights(self, t, y):
+        """Inverse-frequency weights w_c = n / (k * n_c) per label from task t's
+        training labels y (n, labels). A class absent from the data gets weight
+        1: no sample carries it, so it never enters the loss either way."""
+        if self.labels == 1:
+            return
+        k = self.class_weights.shape[2]
+        counts = F.one_hot(y, k).sum(0).float()                       # (labels, k)
+        weights = torch.where(counts > 0, len(y) / (k * counts.clamp_min(1)), torch.ones_like(counts))
+        self.class_weights[t].copy_(weights)
+
+    def loss(self, out, y, t):
+        """Cross-entropy; with several labels, the mean over labels of the
+        class-weighted cross-entropies (MarketCL)."""
+        if self.labels == 1:
+            return F.cross_entropy(out, y)
+        out = out.view(len(y), self.labels, -1)                      # (B, labels, k)
+        return torch.stack([F.cross_entropy(out[:, j], y[:, j], weight=self.class_weights[t, j])
+                            for j in range(self.labels)]).mean()
+
+    def predict(self, out):
+        """Logits -> predicted classes: (B,) or (B, labels)."""
+        return out.argmax(1) if self.labels == 1 else out.view(len(out), self.labels, -1).argmax(2)
 
     def masks(self, x, t, query=None):
         """m = M_t(F_t(x)): list of (B, c_l). `query` = a precomputed F_t(x)."""
@@ -432,7 +525,7 @@ class MARKNet(nn.Module):
             query = self.extractors(x, t)
         return self.mask_generators(query, t)
 
-    def forward(self, x, t, query=None):         # x: (B, C, H, W) -> logits (B, k_t)
+    def forward(self, x, t, query=None):         # x: (B, C, H, W) -> logits (B, k_t * labels)
         return self.heads(self.kb(t)(x, self.masks(x, t, query)), t)
 
 
@@ -517,9 +610,9 @@ def step1_feature_extractor(model: MARKNet, t, task: Task, cfg: Config, gen):
     Returns F_t(x) of the training set (frozen from now on, so steps 3-5 reuse
     it) and keeps its mean and std for task inference.
     """
-    fe, probe = model.extractors[t], model.new_head(task.num_classes)
+    fe, probe = model.extractors[t], model.new_head(task.num_classes, inputs=model.query_dim)
     x, y = task.train.x, task.train.y
-    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(probe(fe(x[i])), y[i]),
+    fit(model, cfg, gen, len(y), lambda i: model.loss(probe(fe(x[i])), y[i], t),
         params=[*fe.parameters(), *probe.parameters()], train_modules=[fe, probe],
         epochs=cfg.epochs_fe, lr=cfg.lr, where=f"task {t}, step 1 (feature extractor)")
     fe.eval().requires_grad_(False)          # frozen for good: eval mode, no gradient
@@ -537,7 +630,7 @@ def step2_pretrain_kb(model: MARKNet, t, task: Task, cfg: Config, gen):
     """
     kb = model.kb(t)
     x, y = task.train.x, task.train.y
-    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(model.heads(kb(x[i]), t), y[i]),
+    fit(model, cfg, gen, len(y), lambda i: model.loss(model.heads(kb(x[i]), t), y[i], t),
         params=[*kb.parameters(), *model.heads.task_parameters(t)],
         train_modules=[kb, model.heads.task_module(t)],
         epochs=cfg.epochs_kb, lr=cfg.lr, where=f"task {t}, step 2 (KB pre-training)")
@@ -556,7 +649,7 @@ def train_masks_and_head(model: MARKNet, t, task: Task, cfg: Config, gen, query,
     if train_kb:
         params, modules = params + list(model.kb(t).parameters()), modules + [model.kb(t)]
     q = (lambda i: None) if query is None else (lambda i: query[i])
-    fit(model, cfg, gen, len(y), lambda i: F.cross_entropy(model(x[i], t, q(i)), y[i]),
+    fit(model, cfg, gen, len(y), lambda i: model.loss(model(x[i], t, q(i)), y[i], t),
         params=params, train_modules=modules, epochs=epochs, lr=lr, where=where)
 
 
@@ -586,7 +679,7 @@ def sgd_momentum_(params, grads, bufs, lr, momentum, weight_decay):
         p.sub_(lr * b)
 
 
-def adapt_one(kb, theta, head_init, x, y, masks, cfg: Config):
+def adapt_one(model: MARKNet, t, theta, head_init, x, y, masks, cfg: Config):
     """One meta-task: copy the KB, attach a fresh head, run `meta_inner_steps`
     SGD steps on the single batch (x, y), masks fixed. Returns the adapted
     KB weights theta_i' and the adapted copy's accuracy on that batch.
@@ -594,14 +687,15 @@ def adapt_one(kb, theta, head_init, x, y, masks, cfg: Config):
     Only the KB and the head are copied (as plain tensors), never the network.
     Dropout is active in the inner loop, as in the authors' code.
     """
+    kb = model.kb(t)
     params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
     head = {k: v.clone().requires_grad_(True) for k, v in head_init.items()}
-    names, tensors = list(params) + list(head), list(params.values()) + list(head.values())
+    tensors = list(params.values()) + list(head.values())
     bufs = [torch.zeros_like(p) for p in tensors]
     kb.train()
     for _ in range(cfg.meta_inner_steps):
         z = functional_call(kb, params, (x, masks))
-        loss = F.cross_entropy(F.linear(z, head["weight"], head["bias"]), y)
+        loss = model.loss(F.linear(z, head["weight"], head["bias"]), y, t)
         grads = torch.autograd.grad(loss, tensors)
         with torch.no_grad():
             sgd_momentum_(tensors, grads, bufs, cfg.meta_inner_lr, cfg.momentum,
@@ -611,18 +705,18 @@ def adapt_one(kb, theta, head_init, x, y, masks, cfg: Config):
     kb.eval()
     with torch.no_grad():
         z = functional_call(kb, params, (x, masks))
-        acc = (F.linear(z, head["weight"], head["bias"]).argmax(1) == y).float().mean()
+        acc = (model.predict(F.linear(z, head["weight"], head["bias"])) == y).float().mean()
     return {k: v.detach() for k, v in params.items()}, acc
 
 
-def adapt_all_vmap(kb, theta, head_inits, xs, ys, masks, cfg: Config):
+def adapt_all_vmap(model: MARKNet, t, theta, head_inits, xs, ys, masks, cfg: Config):
     """The K meta-tasks as ONE batched computation (torch.func.vmap).
 
     Same arithmetic as K calls of adapt_one; on a GPU it turns K small problems
     into one large one. Dropout draws different random numbers per meta-task.
     Returns stacked adapted weights {name: (K, ...)} and accuracies (K,).
     """
-    K = xs.shape[0]
+    K, kb = xs.shape[0], model.kb(t)
     stack = lambda d: {k: v.detach().clone() for k, v in d.items()}
     params = {k: v.unsqueeze(0).repeat(K, *([1] * v.dim())) for k, v in theta.items()}
     head = {k: torch.stack([h[k] for h in head_inits]) for k in head_inits[0]}
@@ -631,7 +725,7 @@ def adapt_all_vmap(kb, theta, head_inits, xs, ys, masks, cfg: Config):
 
     def loss_fn(p, h, x, y, m):
         z = functional_call(kb, p, (x, m))
-        return F.cross_entropy(F.linear(z, h["weight"], h["bias"]), y)
+        return model.loss(F.linear(z, h["weight"], h["bias"]), y, t)
 
     dims = (0, 0, 0, 0, None if masks is None else 0)    # masks=None: no masks (Baseline 2)
     grad_fn = vmap(grad(loss_fn, argnums=(0, 1)), in_dims=dims, randomness="different")
@@ -646,7 +740,7 @@ def adapt_all_vmap(kb, theta, head_inits, xs, ys, masks, cfg: Config):
 
     def accuracy(p, h, x, y, m):
         z = functional_call(kb, p, (x, m))
-        return (F.linear(z, h["weight"], h["bias"]).argmax(1) == y).float().mean()
+        return (model.predict(F.linear(z, h["weight"], h["bias"])) == y).float().mean()
 
     with torch.no_grad():
         accs = vmap(accuracy, in_dims=dims)(params, head, xs, ys, masks)
@@ -681,6 +775,8 @@ def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=Non
     x, y = task.train.x, task.train.y
     sign = {"reptile": +1.0, "authors": -1.0}[cfg.meta_sign]
     impl = cfg.meta_impl if cfg.meta_impl != "auto" else ("vmap" if x.is_cuda else "loop")
+    if not isinstance(x, torch.Tensor):
+        impl = "loop"                  # sequences (data.Sequences) are not vmap-able
     model.eval()
     for _ in range(cfg.meta_epochs):
         theta = {k: v.detach() for k, v in kb.named_parameters()}
@@ -695,11 +791,11 @@ def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=Non
         with torch.enable_grad():
             if impl == "vmap":
                 stack = lambda ms: None if ms[0] is None else [torch.stack(m) for m in zip(*ms)]
-                adapted, accs = adapt_all_vmap(kb, theta, heads, torch.stack([x[i] for i in batches]),
+                adapted, accs = adapt_all_vmap(model, t, theta, heads, torch.stack([x[i] for i in batches]),
                                                torch.stack([y[i] for i in batches]), stack(masks), cfg)
                 deltas = [{k: adapted[k][i] - theta[k] for k in theta} for i in range(cfg.meta_k)]
             else:
-                results = [adapt_one(kb, theta, h, x[i], y[i], m, cfg)
+                results = [adapt_one(model, t, theta, h, x[i], y[i], m, cfg)
                            for i, h, m in zip(batches, heads, masks)]
                 deltas = [{k: a[k] - theta[k] for k in theta} for a, _ in results]
                 accs = torch.stack([acc for _, acc in results])
@@ -750,9 +846,9 @@ def train_task_mark(model, t, task, cfg, gen, timer, *, meta=True):
 def evaluate(model: MARKNet, t, split, chunk=1000) -> float:
     """Accuracy (a fraction) of task t's model (F_t, M_t, KB, C_t, eval mode)."""
     model.eval()
-    correct = sum((model(xb, t).argmax(1) == yb).sum() for xb, yb in
+    correct = sum((model.predict(model(xb, t)) == yb).sum() for xb, yb in
                   zip(split.x.split(chunk), split.y.split(chunk)))
-    return float(correct) / len(split.y)
+    return float(correct) / split.y.numel()       # several labels: the mean over labels
 
 
 def normalised_entropy(logits):
@@ -879,8 +975,9 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
     """
     T = len(tasks)
     seed_everything(seed)
+    labels = 1 if tasks[0].train.y.dim() == 1 else tasks[0].train.y.shape[1]
     model = build_model(cfg, tasks[0].input_shape, [task.num_classes for task in tasks], device,
-                        **model_kwargs)
+                        labels=labels, **model_kwargs)
     gen = torch.Generator(device=device).manual_seed(seed)
     R = np.full((T, T), np.nan)
     record = {"seed": seed, "method": method, "tasks_done": 0,
@@ -902,6 +999,7 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
         timer = StepTimer(device, log)
         log(f"[{method} seed {seed}] task {t + 1}/{T} (classes {', '.join(tasks[t].class_names)})")
         task_start = time.perf_counter()
+        model.set_class_weights(t, tasks[t].train.y)
         train_task(model, t, tasks[t], cfg, gen, timer)
         for u in range(t + 1):
             R[t, u] = evaluate(model, u, tasks[u].test)
@@ -980,7 +1078,7 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
         if cfg.channels_last:
             for task in tasks:
                 for split in (task.train, task.val, task.test):
-                    if split.x.dim() == 4:      # images: NHWC in memory, same logical shape
+                    if isinstance(split.x, torch.Tensor) and split.x.dim() == 4:   # images: NHWC in memory
                         split.x = split.x.contiguous(memory_format=torch.channels_last)
         if old and old.get("tasks_done") == len(tasks):
             log(f"[{method} seed {seed}] already finished, skipped")
