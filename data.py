@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import pickle
 import shutil
@@ -225,7 +226,7 @@ def load_tasks(dataset: str, *, data_dir=None, seed: int = 0,
 def make_tasks(dataset: str, x_train: np.ndarray, y_train: np.ndarray,
                x_test: np.ndarray, y_test: np.ndarray, class_names, mean, std,
                *, seed: int, num_tasks: int | None, classes_per_task: int,
-               val_fraction: float) -> list[Task]:
+               val_fraction: float, allow_short_last_task: bool = False) -> list[Task]:
     """Cut a classification dataset into a stream of tasks (all datasets).
 
     x_train, x_test: (N, C, H, W) images in their raw units (uint8 0..255 or
@@ -243,14 +244,20 @@ def make_tasks(dataset: str, x_train: np.ndarray, y_train: np.ndarray,
     round(val_fraction * n) of them become validation (half rounds up).
     Drawing in task order keeps the first N tasks identical for any num_tasks.
     Rows inside a split are grouped by class; Split.batches shuffles them.
+
+    A class count that classes_per_task does not divide is refused, unless
+    allow_short_last_task: then the last task holds the remaining classes
+    (ImageData: 74 = 14 x 5 + 4, the report's split, with no phantom class).
+    Only a dataset whose published split is ragged should opt in; for others a
+    short task would be an accident of the data.
     """
     classes = np.unique(y_train)                       # sorted original ids
-    if len(classes) % classes_per_task:
+    if len(classes) % classes_per_task and not allow_short_last_task:
         raise DataError(
             f"{dataset}: {len(classes)} classes do not divide into tasks of "
             f"{classes_per_task}; pass a classes_per_task that divides "
             f"{len(classes)} (or drop classes from the data)")
-    total_tasks = len(classes) // classes_per_task
+    total_tasks = math.ceil(len(classes) / classes_per_task)
     if num_tasks is None:
         num_tasks = total_tasks
     if not 1 <= num_tasks <= total_tasks:
@@ -265,8 +272,8 @@ def make_tasks(dataset: str, x_train: np.ndarray, y_train: np.ndarray,
     test_rows = _rows_by_class(y_test)
     no_rows = np.zeros(0, dtype=np.int64)
     # (1, C, 1, 1) so that they broadcast over (N, C, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
 
     tasks = []
     for t in range(num_tasks):
@@ -281,9 +288,9 @@ def make_tasks(dataset: str, x_train: np.ndarray, y_train: np.ndarray,
         tasks.append(Task(
             index=t, class_ids=[int(c) for c in ids],
             class_names=[str(class_names[c]) for c in ids],
-            train=_split(x_train, train, mean_t, std_t),
-            val=_split(x_train, val, mean_t, std_t),
-            test=_split(x_test, test, mean_t, std_t),
+            train=_split(x_train, train, mean, std),
+            val=_split(x_train, val, mean, std),
+            test=_split(x_test, test, mean, std),
             meta={"dataset": dataset}))
     return tasks
 
@@ -295,13 +302,19 @@ def _rows_by_class(y: np.ndarray) -> dict[int, np.ndarray]:
     return dict(zip(ids.tolist(), np.split(order, starts[1:])))
 
 
-def _split(x: np.ndarray, parts, mean_t, std_t) -> Split:
-    """Gather rows of `x` into a normalised float32 Split; parts = [(rows, label)]."""
+def _split(x: np.ndarray, parts, mean: np.ndarray, std: np.ndarray) -> Split:
+    """Gather rows of `x` into a normalised float32 Split; parts = [(rows, label)].
+
+    mean, std: float32 (1, C, 1, 1). The normalisation runs in numpy, in
+    place, before the one conversion to torch: torch's small elementwise ops
+    start a thread pool each and crawl when other processes hold the cores.
+    """
     rows = np.concatenate([r for r, _ in parts])
     y = np.concatenate([np.full(len(r), label, dtype=np.int64) for r, label in parts])
-    images = torch.from_numpy(x[rows]).to(torch.float32)   # (n, C, H, W)
-    images.sub_(mean_t).div_(std_t)
-    return Split(images, torch.from_numpy(y))
+    images = x[rows].astype(np.float32, copy=False)          # (n, C, H, W), a fresh copy
+    images -= mean
+    images /= std
+    return Split(torch.from_numpy(images), torch.from_numpy(y))
 
 
 # ---------------------------------------------------------------------------

@@ -356,6 +356,19 @@ def test_an_unknown_dataset_is_a_data_error():
         load_tasks("mnist")
 
 
+def test_only_an_explicit_opt_in_allows_a_short_last_task():
+    arrays = _npz_arrays(classes=7)
+    x_train, x_test = arrays["x_train"].transpose(0, 3, 1, 2), arrays["x_test"].transpose(0, 3, 1, 2)
+    args = (x_train, arrays["y_train"], x_test, arrays["y_test"], [f"c{i}" for i in range(7)],
+            [0.0] * 3, [1.0] * 3)
+    options = dict(seed=0, num_tasks=None, classes_per_task=3, val_fraction=0.15)
+    with pytest.raises(DataError, match="7 classes do not divide into tasks of 3"):
+        data.make_tasks("npz", *args, **options)
+    tasks = data.make_tasks("imagedata", *args, **options, allow_short_last_task=True)
+    assert [t.num_classes for t in tasks] == [3, 3, 1]
+    assert sorted(c for t in tasks for c in t.class_ids) == list(range(7))
+
+
 # --- Split.batches ----------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
