@@ -352,7 +352,7 @@ def test_npz_without_a_path_looks_in_the_data_dir_and_says_where(tmp_path):
 
 
 def test_an_unknown_dataset_is_a_data_error():
-    with pytest.raises(DataError, match="cifar100, glyphs, npz"):
+    with pytest.raises(DataError, match="cifar100, glyphs, imagedata, npz"):
         load_tasks("mnist")
 
 

@@ -1,4 +1,4 @@
-"""Tests of the ImageData rebuild (imagedata_wip.py; later part of test_mark.py).
+"""Tests of the ImageData rebuild (the ImageData section of data.py).
 
     python -m pytest -q test_imagedata_wip.py
 
@@ -16,10 +16,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import imagedata_wip
-from data import DataError
-from imagedata_wip import (decode_png, gray8_from_rgb, load_imagedata_tasks,
-                           read_imagedata_glyphs, resize_gray8, shear_images)
+import data
+from data import (DataError, decode_png, gray8_from_rgb, load_tasks, read_imagedata_glyphs,
+                  resize_gray8, shear_images)
+
+
+def load_imagedata(data_dir, seed, classes_per_task=None):
+    """ImageData through the one entry point every method uses."""
+    return load_tasks("imagedata", data_dir=data_dir, seed=seed,
+                      classes_per_task=classes_per_task)
 
 
 # ---------------------------------------------------------------------------
@@ -240,9 +245,9 @@ def tiny(tmp_path, monkeypatch):
     """A data folder holding the tiny archive, accepted as the real one."""
     (tmp_path / "data").mkdir()
     archive = make_tiny_archive(tmp_path / "data" / "images_rotate.zip")
-    monkeypatch.setattr(imagedata_wip, "IMAGEDATA_SHA256",
+    monkeypatch.setattr(data, "IMAGEDATA_SHA256",
                         hashlib.sha256(archive.read_bytes()).hexdigest())
-    monkeypatch.setattr(imagedata_wip, "IMAGEDATA_URL", (tmp_path / "nowhere.zip").as_uri())
+    monkeypatch.setattr(data, "IMAGEDATA_URL", (tmp_path / "nowhere.zip").as_uri())
     return archive.parent
 
 
@@ -260,7 +265,7 @@ def test_glyphs_are_kept_by_name_and_inverted(tmp_path):
 
 
 def test_imagedata_tasks_follow_the_recipe(tiny):
-    (task,) = load_imagedata_tasks(data_dir=tiny, seed=0)     # 5 classes, 5 per task
+    (task,) = load_imagedata(tiny, seed=0)     # 5 classes, 5 per task
     # Dropped classes are gone, "180 delta" and "270 delta" stay (missing comma).
     assert set(task.class_names) == TINY_NAMES
     n = 5 * 441                                               # 2205 images
@@ -277,17 +282,14 @@ def test_imagedata_tasks_follow_the_recipe(tiny):
     assert abs(train.mean()) < 1e-5 and abs(train.std() - 1) < 1e-3
 
 
-@pytest.mark.xfail(strict=True, raises=DataError,
-                   reason="data.make_tasks still refuses a class count that classes_per_task "
-                          "does not divide; merging ImageData lifts that (74 = 14 x 5 + 4)")
 def test_the_last_task_holds_the_remaining_classes(tiny):
-    tasks = load_imagedata_tasks(data_dir=tiny, seed=0, classes_per_task=2)
+    tasks = load_imagedata(tiny, seed=0, classes_per_task=2)
     assert [t.num_classes for t in tasks] == [2, 2, 1]        # no phantom class
     assert {name for t in tasks for name in t.class_names} == TINY_NAMES
 
 
 def test_the_seed_draws_class_order_and_validation_but_not_the_test_images(tiny):
-    runs = [load_imagedata_tasks(data_dir=tiny, seed=seed, classes_per_task=1)
+    runs = [load_imagedata(tiny, seed=seed, classes_per_task=1)
             for seed in (0, 1, 0)]
     assert all(np.array_equal(a.val.x.numpy(), b.val.x.numpy()) and a.class_names == b.class_names
                for a, b in zip(runs[0], runs[2]))                  # same seed, same tasks
@@ -300,47 +302,47 @@ def test_the_seed_draws_class_order_and_validation_but_not_the_test_images(tiny)
 
 
 def test_a_wrong_archive_is_refused_and_nothing_is_cached(tiny, monkeypatch):
-    monkeypatch.setattr(imagedata_wip, "IMAGEDATA_SHA256", "0" * 64)
+    monkeypatch.setattr(data, "IMAGEDATA_SHA256", "0" * 64)
     with pytest.raises(DataError, match="0" * 64) as error:
-        load_imagedata_tasks(data_dir=tiny, seed=0)
+        load_imagedata(tiny, seed=0)
     message = str(error.value)
-    assert "images_rotate.zip" in message and imagedata_wip.IMAGEDATA_URL in message
+    assert "images_rotate.zip" in message and data.IMAGEDATA_URL in message
     assert sorted(p.name for p in tiny.iterdir()) == ["images_rotate.zip"]
 
 
 def test_offline_without_the_archive_says_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(imagedata_wip, "IMAGEDATA_URL", "http://127.0.0.1:9/images_rotate.zip")
+    monkeypatch.setattr(data, "IMAGEDATA_URL", "http://127.0.0.1:9/images_rotate.zip")
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     with pytest.raises(DataError) as error:
-        load_imagedata_tasks(data_dir=data_dir, seed=0)
+        load_imagedata(data_dir, seed=0)
     message = str(error.value)
     for words in ("http://127.0.0.1:9/images_rotate.zip", "images_rotate.zip",
-                  str(data_dir), imagedata_wip.IMAGEDATA_SHA256):
+                  str(data_dir), data.IMAGEDATA_SHA256):
         assert words in message
     assert list(data_dir.iterdir()) == []
 
 
 def test_the_archive_is_downloaded_verified_and_kept(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(imagedata_wip, "IMAGEDATA_URL", (tiny / "images_rotate.zip").as_uri())
+    monkeypatch.setattr(data, "IMAGEDATA_URL", (tiny / "images_rotate.zip").as_uri())
     fresh = tmp_path / "fresh"
-    assert len(load_imagedata_tasks(data_dir=fresh, seed=0)) == 1
+    assert len(load_imagedata(fresh, seed=0)) == 1
     assert (fresh / "images_rotate.zip").read_bytes() == (tiny / "images_rotate.zip").read_bytes()
-    monkeypatch.setattr(imagedata_wip, "IMAGEDATA_SHA256", "f" * 64)
+    monkeypatch.setattr(data, "IMAGEDATA_SHA256", "f" * 64)
     other = tmp_path / "other"
     with pytest.raises(DataError, match="sha256"):
-        load_imagedata_tasks(data_dir=other, seed=0)
+        load_imagedata(other, seed=0)
     assert list(other.iterdir()) == []                        # no partial or wrong file left
 
 
 def test_the_second_load_reads_the_cache(tiny, monkeypatch):
-    first = load_imagedata_tasks(data_dir=tiny, seed=4, classes_per_task=1)
+    first = load_imagedata(tiny, seed=4, classes_per_task=1)
 
     def no_rebuild(archive):
         raise AssertionError("rebuilt although the cache was there")
 
-    monkeypatch.setattr(imagedata_wip, "build_imagedata_arrays", no_rebuild)
-    second = load_imagedata_tasks(data_dir=tiny, seed=4, classes_per_task=1)
+    monkeypatch.setattr(data, "build_imagedata_arrays", no_rebuild)
+    second = load_imagedata(tiny, seed=4, classes_per_task=1)
     for a, b in zip(first, second):
         assert a.class_names == b.class_names
         for split in ("train", "val", "test"):
@@ -349,12 +351,19 @@ def test_the_second_load_reads_the_cache(tiny, monkeypatch):
 
 
 def test_a_changed_recipe_builds_a_new_cache(tiny, monkeypatch):
-    load_imagedata_tasks(data_dir=tiny, seed=0)
+    load_imagedata(tiny, seed=0)
     builds = []
-    build = imagedata_wip.build_imagedata_arrays
-    monkeypatch.setattr(imagedata_wip, "build_imagedata_arrays",
+    build = data.build_imagedata_arrays
+    monkeypatch.setattr(data, "build_imagedata_arrays",
                         lambda archive: builds.append(archive) or build(archive))
-    monkeypatch.setattr(imagedata_wip, "IMAGEDATA_SPLIT_SEED", 1)
-    load_imagedata_tasks(data_dir=tiny, seed=0)
+    monkeypatch.setattr(data, "IMAGEDATA_SPLIT_SEED", 1)
+    load_imagedata(tiny, seed=0)
     assert len(builds) == 1
     assert len(list(tiny.glob("imagedata_*.npz"))) == 2
+
+
+def test_the_command_line_names_the_glyphs_of_every_task(tiny, capsys):
+    assert data.main(["--dataset", "imagedata", "--data-dir", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "imagedata: 1 tasks, input (1, 20, 20)" in out
+    assert all(name in out for name in TINY_NAMES)
