@@ -18,6 +18,7 @@ Public interface (course assignments import these names):
     load_tasks(dataset, *, data_dir, seed, num_tasks=None,
                classes_per_task=None, device="cpu", ...) -> list[Task]
     Task, Split, Split.batches(batch_size, generator)
+    Sequences: padded sequences with their lengths, indexable like a tensor
     DataError: raised for every problem with the data; the message says what
                was wrong and what to do. The command line prints it without a
                traceback and exits non-zero.
@@ -156,6 +157,60 @@ class DataError(Exception):
 # ---------------------------------------------------------------------------
 # The task container
 # ---------------------------------------------------------------------------
+
+@dataclass(eq=False)      # eq=False: == on tensors gives a tensor, not a bool
+class Sequences:
+    """A batch of variable-length sequences, zero-padded to one length L.
+
+    x: float32 (N, L, F), row i valid in x[i, :lengths[i]], zeros after.
+    lengths: int64 (N,), each in 1..L, on the same device as x.
+
+    It indexes like the tensors of a Split do, so Split.subset, Split.batches
+    and a model's evaluation loop treat images and sequences alike:
+    seqs[index] (a LongTensor, bool mask or slice over N) and seqs.split(chunk)
+    keep every row's x and length together.
+    """
+    x: torch.Tensor
+    lengths: torch.Tensor
+
+    def __post_init__(self):
+        if self.x.dim() != 3 or self.lengths.shape != self.x.shape[:1]:
+            raise ValueError(f"Sequences need x (N, L, F) and lengths (N,), got "
+                             f"x {tuple(self.x.shape)} and lengths {tuple(self.lengths.shape)}")
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index) -> "Sequences":
+        return Sequences(self.x[index], self.lengths[index])
+
+    def split(self, chunk) -> tuple["Sequences", ...]:
+        """Consecutive pieces of `chunk` rows each (the last may be shorter), as Tensor.split."""
+        return tuple(Sequences(x, lengths) for x, lengths
+                     in zip(self.x.split(chunk), self.lengths.split(chunk)))
+
+    def to(self, device) -> "Sequences":
+        return Sequences(self.x.to(device), self.lengths.to(device))
+
+    @property
+    def shape(self) -> torch.Size:          # (N, L, F), the padded x's
+        return self.x.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.x.is_cuda
+
+    def __repr__(self) -> str:
+        return f"Sequences(x={tuple(self.x.shape)} {self.x.dtype}, device={self.x.device})"
+
 
 @dataclass
 class Split:

@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import data
-from data import DataError, Split, load_tasks
+from data import DataError, Sequences, Split, load_tasks
 
 TINY_TRAIN_PER_CLASS = 20     # -> 17 train + 3 validation per class (15%)
 TINY_TEST_PER_CLASS = 4
@@ -384,3 +384,49 @@ def test_batches_cover_every_row_once_per_epoch_reproducibly(n, batch_size, seed
     assert [b.y.tolist() for b in epoch] == [b.y.tolist() for b in again]
     in_order = torch.cat([b.y for b in split.batches(batch_size, shuffle=False)]) if n else rows
     assert in_order.tolist() == list(range(n))
+
+
+# --- Sequences ----------------------------------------------------------------------
+
+def _numbered_sequences(lengths: list[int], max_length: int) -> Sequences:
+    """Row i holds i + 1 in its first lengths[i] steps (3 features), zeros after."""
+    n = len(lengths)
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    valid = torch.arange(max_length)[None, :] < lengths[:, None]                  # (N, L)
+    x = torch.arange(1, n + 1, dtype=torch.float32)[:, None, None] * valid[..., None]
+    return Sequences(x.expand(n, max_length, 3).contiguous(), lengths)          # (N, L, 3)
+
+
+def _rows_are_intact(seqs: Sequences) -> list[int]:
+    """The row ids of seqs, checking that every row's length still fits its x."""
+    ids = []
+    for x, length in zip(seqs.x, seqs.lengths.tolist()):          # x (L, 3)
+        ids.append(int(x[0, 0]) - 1)
+        assert (x[:length] == x[0, 0]).all() and (x[length:] == 0).all()
+    return ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=0, max_size=40),
+       chunk=st.integers(1, 16), seed=st.integers(0, 2**31))
+def test_sequences_indexing_and_split_keep_each_rows_x_and_length_together(lengths, chunk, seed):
+    seqs = _numbered_sequences(lengths, 9)
+    n = len(lengths)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n // 2 + 1]
+    picked = seqs[index]
+    assert isinstance(picked, Sequences) and len(picked) == len(index)
+    assert _rows_are_intact(picked) == index.tolist()
+    assert picked.lengths.tolist() == [lengths[i] for i in index.tolist()]
+    assert _rows_are_intact(seqs[1:4]) == list(range(n))[1:4]
+    pieces = seqs.split(chunk)
+    assert [len(p) for p in pieces] == [len(t) for t in torch.arange(n).split(chunk)]
+    assert [i for p in pieces for i in _rows_are_intact(p)] == list(range(n))   # all rows, in order
+    assert seqs.shape == (n, 9, 3) and seqs.to("cpu").device.type == "cpu" and not seqs.is_cuda
+
+
+def test_batches_of_a_sequence_split_keep_x_lengths_and_labels_together():
+    seqs = _numbered_sequences([3, 1, 4, 1, 5, 9, 2, 6], 9)
+    split = Split(seqs, torch.arange(8))
+    for batch in split.batches(3, torch.Generator().manual_seed(0)):
+        assert _rows_are_intact(batch.x) == batch.y.tolist()
+        assert batch.x.lengths.tolist() == [[3, 1, 4, 1, 5, 9, 2, 6][i] for i in batch.y.tolist()]
