@@ -354,6 +354,8 @@ def test_npz_without_a_path_looks_in_the_data_dir_and_says_where(tmp_path):
 def test_an_unknown_dataset_is_a_data_error():
     with pytest.raises(DataError, match="cifar100, glyphs, imagedata, npz"):
         load_tasks("mnist")
+    with pytest.raises(DataError, match="load_market"):     # a stream of days, not tasks
+        load_tasks("market")
 
 
 def test_only_an_explicit_opt_in_allows_a_short_last_task():

@@ -1,4 +1,9 @@
-"""Properties of the MarketCL data pipeline (market_wip.py). No real data is read."""
+"""Properties of the MarketCL data pipeline (the MarketCL section of data.py).
+
+    python -m pytest -q test_market_wip.py
+
+No real data is read: every file is written here or by write_synthetic_market.
+"""
 from pathlib import Path
 
 import numpy as np
@@ -6,10 +11,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from data import DataError
-from market_wip import (MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS, load_market, market_features,
-                        market_labels, market_sample_minutes, market_session_days,
-                        read_market_csv, write_synthetic_market)
+import data
+from data import (MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS, DataError, Sequences, load_market,
+                  market_features, market_labels, market_sample_minutes, market_session_days,
+                  read_market_csv, write_synthetic_market)
 
 HEADER = "datetime,symbol,open,high,low,close,volume"
 SHORT_SESSION = ("09:15", "09:24")       # 10 minutes keep the hand-made files small
@@ -25,6 +30,12 @@ def session_day(date: str, start=555, length=10, seed=0, skip=()) -> list[str]:
     """A random walk over the session minutes of one day, leaving out the minutes in `skip`."""
     closes = 100 * np.exp(np.cumsum(np.random.default_rng(seed).normal(0, 0.003, length)))
     return [bar_line(date, start + m, c) for m, c in enumerate(closes) if m not in skip]
+
+
+def same_samples(a, b) -> bool:
+    """Two market Splits hold the same sequences, lengths and labels."""
+    return (torch.equal(a.x.x, b.x.x) and torch.equal(a.x.lengths, b.x.lengths)
+            and torch.equal(a.y, b.y))
 
 
 def random_days(rng: np.random.Generator, days: int, length: int) -> np.ndarray:
@@ -183,8 +194,7 @@ def test_incomplete_days_are_skipped_and_out_of_session_rows_dropped(tmp_path):
     assert [str(d) for d in extra.days] == ["2021-08-04", "2021-08-05"]
     assert "NSE:ABC                2" in extra.summary()            # skipped count in the summary
     for d in range(2):
-        assert torch.equal(extra.splits[d][0].x, plain.splits[d][0].x)
-        assert torch.equal(extra.splits[d][0].y, plain.splits[d][0].y)
+        assert same_samples(extra.splits[d][0], plain.splits[d][0])
 
 
 def test_session_days_keep_whole_sessions_in_minute_order(tmp_path):
@@ -233,13 +243,13 @@ def test_samples_are_prefixes_of_the_day_padded_with_zeros_and_labelled_at_their
             expected_x = (features[d] - stream.feature_mean) / stream.feature_std
             expected_x = expected_x.astype(np.float32)
             labels = market_labels(bars[d + 1, :, 3])
-            minutes = split.lengths.numpy() - 1
+            x, minutes = split.x.x, split.x.lengths.numpy() - 1     # (16, L, F), (16,)
             assert split.x.shape == (16, 375, len(MARKET_FEATURE_NAMES))
             sixteenths = [(k * 375 // 16, (k + 1) * 375 // 16) for k in range(16)]
             assert all(lo <= m < hi for m, (lo, hi) in zip(minutes, sixteenths))
             for k, m in enumerate(minutes):
-                np.testing.assert_array_equal(split.x[k, :m + 1].numpy(), expected_x[:m + 1])
-                assert (split.x[k, m + 1:] == 0).all()
+                np.testing.assert_array_equal(x[k, :m + 1].numpy(), expected_x[:m + 1])
+                assert (x[k, m + 1:] == 0).all()
                 assert split.y[k].tolist() == labels[m].tolist()
 
 
@@ -257,9 +267,8 @@ def test_later_days_change_neither_earlier_samples_nor_the_standardisation(tmp_p
     np.testing.assert_array_equal(after.feature_mean, before.feature_mean)
     for d in range(len(before.days) - 1):
         for s in range(2):
-            assert torch.equal(after.splits[d][s].x, before.splits[d][s].x)
-            assert torch.equal(after.splits[d][s].y, before.splits[d][s].y)
-    assert not torch.equal(after.splits[-1][0].x, before.splits[-1][0].x)
+            assert same_samples(after.splits[d][s], before.splits[d][s])
+    assert not torch.equal(after.splits[-1][0].x.x, before.splits[-1][0].x.x)
 
 
 def test_one_file_for_all_symbols_gives_the_same_stream(tmp_path):
@@ -271,7 +280,7 @@ def test_one_file_for_all_symbols_gives_the_same_stream(tmp_path):
     assert one.symbols == many.symbols
     for row_one, row_many in zip(one.splits, many.splits):
         for a, b in zip(row_one, row_many):
-            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+            assert same_samples(a, b)
 
 
 def test_symbols_are_chosen_and_ordered_with_or_without_the_exchange_prefix(tmp_path):
@@ -302,3 +311,27 @@ def test_flat_prices_without_trades_give_neutral_indicators():
     for name, value in neutral.items():
         np.testing.assert_allclose(features[:, MARKET_FEATURE_NAMES.index(name)], value,
                                    atol=1e-12, err_msg=name)
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+def test_market_synthetic_on_the_command_line_writes_per_seed_and_summarises(tmp_path, capsys):
+    assert data.main(["--dataset", "market-synthetic", "--data-dir", str(tmp_path),
+                      "--seed", "3", "--samples-per-day", "4"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "market-synthetic-seed3"
+    assert sorted(p.name for p in folder.iterdir()) == [f"SYN{i:02d}.csv" for i in range(6)]
+    assert "market: 6 symbols, 11 days with samples" in out
+    assert "total" in out and out.count("target ") == 4 and "loaded in" in out
+    stream = load_market(folder, seed=3, samples_per_day=4)          # the same loader
+    assert f"{sum(len(s) for row in stream.splits for s in row if s):>9}" in out
+
+
+def test_market_on_the_command_line_reports_a_data_error_without_traceback(tmp_path, capsys):
+    (tmp_path / "bad.csv").write_text("datetime,symbol,open\n")
+    assert data.main(["--dataset", "market", "--source", str(tmp_path / "bad.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.csv, line 1: missing column(s)" in err
+    assert "Traceback" not in err
