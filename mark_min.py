@@ -7,6 +7,8 @@ Learning via Metalearning", NeurIPS 2021 (arXiv:2106.05390).
     python mark_min.py --dataset cifar100       # 20-Split CIFAR-100, the paper's protocol
     python mark_min.py --dataset cifar100 --profile short --out runs/c100
     python mark_min.py --dataset cifar100 --describe   # parameter table, no data needed
+    python mark_min.py --dataset market-synthetic      # MarketCL offline, quick profile
+    python mark_min.py --dataset market --source ../shared/data/nse-minute --out runs/nse
 
 The idea in one paragraph. A continual learner meets tasks one after another
 and must not forget old ones. MARK keeps ONE shared knowledge base (KB): a
@@ -27,6 +29,7 @@ Map from the paper to this file (MARK_REFERENCE.md section 3):
     step 4  meta-update of the KB (Reptile) ......... step4_meta_update
     step 5  consolidate M_t and C_t ................. step5_consolidate
     evaluation / accuracy matrix R .................. evaluate, run_seed
+    MarketCL, day by day (symbols are tasks) ........ run_market_seed
 The model: KnowledgeBase, FeatureExtractor, MaskGenerator, MARKNet.
 """
 from __future__ import annotations
@@ -50,7 +53,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import metrics
-from data import DataError, Task, load_tasks
+from data import (MARKET_DATASETS, MARKET_NUM_CLASSES, MARKET_SYNTHETIC_FOLDER, DataError,
+                  MarketStream, Task, default_data_dir, load_market, load_tasks,
+                  write_synthetic_market)
 
 # ---------------------------------------------------------------------------
 # Configuration: every hyperparameter in one place, with where it comes from.
@@ -60,10 +65,12 @@ from data import DataError, Task, load_tasks
 @dataclass
 class Config:
     # -- what to run --------------------------------------------------------
-    dataset: str = "glyphs"        # glyphs (offline synthetic) | cifar100 | imagedata | npz
+    dataset: str = "glyphs"        # glyphs | cifar100 | imagedata | npz | market | market-synthetic
     data_dir: str | None = None    # default ./data or $MARK_DATA_DIR
     path: str | None = None        # the .npz file for --dataset npz
-    num_tasks: int | None = None   # keep only the first N tasks of the stream
+    source: str | None = None      # market: a CSV file or a folder of minute-bar CSVs
+    num_tasks: int | None = None   # keep only the first N tasks of the stream (market: symbols)
+    num_days: int | None = None    # market: keep only the first N days with samples (>= 2)
     profile: str | None = None     # paper | short | quick; None: per-dataset default
     epoch_scale: float = 1.0       # multiply every epoch count (after the profile)
     seed: int = 0                  # sets python, numpy, torch and the class order
@@ -79,6 +86,7 @@ class Config:
     fe_kernels: tuple = (4, 3)            # authors' code
     dropout: float = 0.5           # after the KB's linear layer (authors' code)
     mask_activation: str = "relu"  # relu (authors' default) | sigmoid
+    mask_init: str = "ones"        # ones: masks start near 1 (our choice, see MaskGenerator) | default (authors)
     seq_query: int = 64            # sequences: F_t's LSTM size (the report's MarketCL model)
     seq_channels: tuple = (64, 128, 256)  # sequences: the KB's three stacked LSTMs (the report)
     # -- ordinary training: steps 1, 2, 3, 5 (MARK_REFERENCE section 3) --------
@@ -129,6 +137,12 @@ PROFILES = {
                   meta_epochs=1, meta_k=5, meta_inner_steps=10),
 }
 DEFAULT_PROFILE = {"cifar100": "paper"}     # every other dataset: "quick"
+# MarketCL's batches are small (16 samples of one symbol-day) but long (up to
+# 375 LSTM steps), and the meta-update's inner steps dominate a quick run: its
+# quick profile runs fewer, shorter meta-tasks, so 6 symbols x 10 days take
+# minutes on one core.
+DATASET_PROFILES = {(market, "quick"): dict(meta_k=2, meta_inner_steps=5)
+                    for market in MARKET_DATASETS}
 EPOCH_FIELDS = ("epochs_fe", "epochs_kb", "epochs_masks", "epochs_consolidate")
 # Input shape of one image per dataset, so --describe needs no data.
 KNOWN_SHAPES = {"cifar100": (3, 32, 32), "glyphs": (1, 20, 20), "imagedata": (1, 20, 20)}
@@ -140,7 +154,8 @@ def resolve_config(cfg: Config, overridden: set[str] = frozenset()) -> Config:
     cfg = dataclasses.replace(cfg)
     if cfg.profile is None:
         cfg.profile = DEFAULT_PROFILE.get(cfg.dataset, "quick")
-    for key, value in PROFILES[cfg.profile].items():
+    for key, value in (PROFILES[cfg.profile]
+                       | DATASET_PROFILES.get((cfg.dataset, cfg.profile), {})).items():
         if key not in overridden:            # an explicit flag beats the profile
             setattr(cfg, key, value)
     for key in EPOCH_FIELDS:
@@ -162,8 +177,8 @@ def describe_schedule(cfg: Config, overridden=frozenset()) -> str:
 
 
 HYPERPARAMETERS = {f.name for f in dataclasses.fields(Config)} - {
-    "dataset", "data_dir", "path", "num_tasks", "profile", "epoch_scale", "seed",
-    "runs", "device", "out", "resume", "meta_impl", "channels_last", "threads", "infer_task"}
+    "dataset", "data_dir", "path", "source", "num_tasks", "num_days", "profile", "epoch_scale",
+    "seed", "runs", "device", "out", "resume", "meta_impl", "channels_last", "threads", "infer_task"}
 
 
 # ---------------------------------------------------------------------------
@@ -242,10 +257,21 @@ class MaskGenerator(nn.Module):
     57,792 parameters for latent 128.
     """
 
-    def __init__(self, latent=128, channels=(64, 128, 256), activation="relu"):
+    def __init__(self, latent=128, channels=(64, 128, 256), activation="relu", init="ones"):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(latent, c) for c in channels)
         self.activation = {"relu": F.relu, "sigmoid": torch.sigmoid}[activation]
+        if init == "ones":
+            # DEVIATION (our choice; the authors keep PyTorch's default init, bias
+            # near 0). With it, ReLU masks start around 0.1-0.2, so the three
+            # masked blocks scale the KB's signal by ~0.002: the KB's output is
+            # nearly constant, the gradient reaching M_t is tiny, weight decay
+            # wins, and a task can stay at chance (we measured this on CIFAR-100
+            # task 2: 20.0% after steps 3-5). A bias of 1 starts every mask near
+            # the all-ones mask the KB was pre-trained with (step 2), so the
+            # KB's signal passes at full strength from the first step.
+            for layer in self.layers:
+                nn.init.ones_(layer.bias)
 
     def forward(self, q):                        # q: (B, latent)
         return [self.activation(layer(q)) for layer in self.layers]   # [(B, 64), (B, 128), (B, 256)]
@@ -399,14 +425,17 @@ class SupSupMaskGenerator(nn.Module):
     """One mask generator for all tasks: three SupermaskLinear layers
     (latent -> 64, 128, 256) + the mask activation; task t uses its supermask."""
 
-    def __init__(self, latent, channels, num_tasks, activation, how, density):
+    def __init__(self, latent, channels, num_tasks, activation, how, density, offset=1.0):
         super().__init__()
         self.layers = nn.ModuleList(SupermaskLinear(latent, c, num_tasks, how, density)
                                     for c in channels)
         self.activation = {"relu": F.relu, "sigmoid": torch.sigmoid}[activation]
+        # Supermask layers have no bias; a fixed offset plays the role of
+        # MaskGenerator's bias of 1 (masks start near all-ones, see there).
+        self.offset = offset
 
     def forward(self, q, t):                         # q: (B, latent) -> [(B, c_l)]
-        return [self.activation(layer(q, t)) for layer in self.layers]
+        return [self.activation(layer(q, t) + self.offset) for layer in self.layers]
 
     def task_parameters(self, t):
         return [layer.scores[t] for layer in self.layers]
@@ -472,10 +501,11 @@ class MARKNet(nn.Module):
             self.extractors = PerTask(make_fe() for _ in range(T))
         if masks and cfg.supsup:
             self.mask_generators = SupSupMaskGenerator(query, channels, T, cfg.mask_activation,
-                                                       cfg.supsup_binarize, cfg.supsup_density)
+                                                       cfg.supsup_binarize, cfg.supsup_density,
+                                                       offset=1.0 if cfg.mask_init == "ones" else 0.0)
         elif masks:
-            self.mask_generators = PerTask(MaskGenerator(query, channels, cfg.mask_activation)
-                                           for _ in range(T))
+            self.mask_generators = PerTask(MaskGenerator(query, channels, cfg.mask_activation,
+                                                         cfg.mask_init) for _ in range(T))
         outputs = [k * labels for k in classes_per_task]
         if cfg.supsup:
             self.heads = SupSupHead(out, outputs, cfg.supsup_binarize, cfg.supsup_density)
@@ -827,10 +857,15 @@ def apply_meta_step(kb: nn.Module, deltas, weights, sign, eps, weight_decay):
 # ---------------------------------------------------------------------------
 
 def train_task_mark(model, t, task, cfg, gen, timer, *, meta=True):
-    """Steps 1-5 for task t. meta=False is the frozen-KB ablation."""
+    """Steps 1-5 for task t. meta=False is the frozen-KB ablation.
+
+    Step 2 runs on the stream's first task, task.index == 0. In a task list
+    that is t == 0; in MarketCL t is the symbol, which comes back every day,
+    and task.index counts symbol-days, so only the very first one pre-trains.
+    """
     with timer("1 feature extractor"):
         query = step1_feature_extractor(model, t, task, cfg, gen)
-    if t == 0:
+    if task.index == 0:
         with timer("2 KB pre-training"):
             step2_pretrain_kb(model, t, task, cfg, gen)
     with timer("3 masks + head"):
@@ -1048,7 +1083,10 @@ def summarize(runs) -> dict:
 
 def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridden=frozenset(),
                    log=print) -> dict:
-    """Run `method` over seeds seed..seed+runs-1; write results.json after every task."""
+    """Run `method` over seeds seed..seed+runs-1; write results.json after every task.
+    The market datasets run the day-by-day protocol (run_market_experiment)."""
+    if cfg.dataset in MARKET_DATASETS:
+        return run_market_experiment(cfg, method, train_task, model_kwargs, overridden, log)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -1098,6 +1136,261 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
     log(f"{method}: ACC {100 * s['acc_mean']:.2f} (std {100 * s['acc_std']:.2f}) %, "
         f"BWT {100 * s['bwt_mean']:+.2f} %, over {s['runs']} run(s); {results['schedule']}")
     return results
+
+
+# ---------------------------------------------------------------------------
+# MarketCL: the day-by-day protocol (MARK_REFERENCE section 8, issue 7)
+# ---------------------------------------------------------------------------
+#
+# Each stock symbol is a task with its own F_t, M_t and C_t; the KB is shared.
+# A symbol's samples of one day (data.load_market: 16 prefixes of the day's
+# feature sequence, four labels each) are its training set for that day. The
+# same symbols come back every day: on day d + 1 symbol s trains again,
+# continuing from its own modules of day d. Tests are on the NEXT day, the
+# future the model is meant to predict. The model is the LSTM family of
+# MARKNet with four label heads; the five steps and the baselines are the
+# same functions as for images.
+
+MARKET_CLASS_NAMES = ["stop first", "ends not above", "ends above", "target first"]  # data.market_labels
+
+
+def load_market_stream(cfg: Config, seed: int, device) -> MarketStream:
+    """cfg.dataset's MarketCL stream. market reads the CSVs at cfg.source;
+    market-synthetic first writes its CSVs (a function of the seed) to
+    DATA_DIR/market-synthetic-seed{seed}/, so both go through the same loader.
+    num_tasks keeps the first N symbols, num_days the first N days."""
+    if cfg.dataset == "market-synthetic":
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+        source = data_dir / MARKET_SYNTHETIC_FOLDER.format(seed=seed)
+        write_synthetic_market(source, seed=seed)
+    else:
+        source = cfg.source
+    stream = load_market(source, seed=seed, device=device)
+    symbols, days = cfg.num_tasks or len(stream.symbols), cfg.num_days or len(stream.days)
+    stream = dataclasses.replace(stream, symbols=stream.symbols[:symbols], days=stream.days[:days],
+                                 splits=[row[:symbols] for row in stream.splits[:days]])
+    if len(stream.days) < 2:
+        raise DataError(f"{source}: MarketCL trains on one day and tests on the next, but the "
+                        f"stream has {len(stream.days)} day(s) with samples")
+    return stream
+
+
+def market_task(index: int, s: int, split) -> Task:
+    """Symbol s's samples of one day as a Task, the unit the five steps train.
+
+    index counts the symbol-days trained so far in the run: index 0 is the
+    stream's first task, the only one on which MARK pre-trains the KB (step
+    2). The steps read only .train and .num_classes; tests use the next day.
+    """
+    return Task(index, list(range(MARKET_NUM_CLASSES)), MARKET_CLASS_NAMES, split, None, None)
+
+
+@torch.inference_mode()
+def predict_classes(model: MARKNet, t, x, chunk=1000) -> torch.Tensor:
+    """Task t's predicted classes (F_t, M_t, KB, C_t in eval mode): (N, labels)."""
+    model.eval()
+    return torch.cat([model.predict(model(xb, t)) for xb in x.split(chunk)])
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Treat denormal floats (below ~1e-38) as zero while the block runs.
+
+    Backpropagating from one step (the true last step) through hundreds of
+    LSTM steps shrinks the gradient into the denormal range, where x86
+    arithmetic is about ten times slower: one forward and backward pass of the
+    KB on 16 x 375 steps took 2.9 s with denormals and 0.22 s without (one
+    thread). Numbers that small change no result.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def market_summary(days: list[dict]) -> dict:
+    """Per-label ACC, BWT and macro F1, each the mean over the days that have
+    a matrix; acc and bwt: the mean of the per-label values over labels."""
+    scored = [day for day in days if day["tested"]]
+    if not scored:
+        return {"acc": None, "bwt": None}
+    keys = ("acc_per_label", "bwt_per_label", "macro_f1_per_label")
+    per_label = {key: np.mean([day[key] for day in scored], axis=0).tolist() for key in keys}
+    return per_label | {"acc": float(np.mean(per_label["acc_per_label"])),
+                        "bwt": float(np.mean(per_label["bwt_per_label"]))}
+
+
+def run_market_seed(cfg: Config, method: str, seed: int, stream: MarketStream, train_task,
+                    model_kwargs, device, log, on_day_done=None) -> dict:
+    """Train `method` on the MarketCL stream for one seed, day by day.
+
+    For each training day d (every day but the last), tomorrow = day d + 1:
+      for each symbol s with samples on day d, in stream order:
+        train s on day d's samples (its own F_s, M_s, C_s; class weights from
+        day d's labels; step 2 only on the run's very first symbol-day),
+        then test every symbol of the day's matrix trained so far, on tomorrow.
+    Day d's accuracy matrix, one per label head h:
+        R_d[h][i][j] = accuracy of head h on tomorrow's samples of the day's
+                       j-th symbol, after the day's i-th symbol trained (j <= i)
+    The day's symbols (rows and columns) are those with samples on day d AND
+    tomorrow, in stream order. A symbol without samples on day d (the loader
+    skipped an incomplete day) is not trained that day; one without samples
+    tomorrow is trained but cannot be tested; neither has a row or column that
+    day. A day with no such symbol counts in no average.
+    Per head: ACC_d, BWT_d = metrics.average_accuracy / backward_transfer of
+    R_d[h], and macro F1_d of the day's final model on tomorrow's samples of
+    the day's symbols pooled; the run reports their means over days.
+    """
+    seed_everything(seed)
+    S, P = len(stream.symbols), len(stream.label_pairs)
+    first = next(split for row in stream.splits for split in row if split is not None)
+    model = build_model(cfg, first.x.shape[1:], [MARKET_NUM_CLASSES] * S, device,   # (L, F)
+                        labels=P, **model_kwargs)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    D = len(stream.days) - 1                        # training days; the last day is only tested
+    record = {"seed": seed, "method": method, "days_done": 0, "training_days": D,
+              "parameters": count_parameters(model), "symbols": stream.symbols,
+              "label_pairs": [list(pair) for pair in stream.label_pairs],
+              "class_balance": stream.class_balance().tolist(),   # (P, 4) fractions: what chance is
+              "acc": None, "bwt": None, "days": []}
+    trained = 0                                     # symbol-days so far: the next task's index
+    started = time.perf_counter()
+    for d in range(D):
+        today, tomorrow = stream.splits[d], stream.splits[d + 1]
+        tested = [s for s in range(S) if today[s] is not None and tomorrow[s] is not None]
+        R = np.full((P, len(tested), len(tested)), np.nan)          # R_d[h][i][j]
+        timer, day_start = StepTimer(device, lambda _: None), time.perf_counter()
+        for s in (s for s in range(S) if today[s] is not None):
+            symbol_start = time.perf_counter()
+            model.set_class_weights(s, today[s].y)
+            train_task(model, s, market_task(trained, s, today[s]), cfg, gen, timer)
+            trained += 1
+            if s in tested:
+                i = tested.index(s)
+                for j, u in enumerate(tested[:i + 1]):
+                    R[:, i, j] = (predict_classes(model, u, tomorrow[u].x) == tomorrow[u].y
+                                  ).float().mean(0).cpu().numpy()       # (P,) one per head
+            log(f"    day {d + 1}/{D}, {stream.symbols[s]}: tomorrow's accuracy per label "
+                + ("(not tested: no samples tomorrow)" if s not in tested else
+                   " ".join(f"{100 * a:.1f}" for a in R[:, tested.index(s), tested.index(s)]))
+                + f" ({time.perf_counter() - symbol_start:.1f} s)")
+        day = {"train_day": str(stream.days[d]), "test_day": str(stream.days[d + 1]),
+               "trained": [stream.symbols[s] for s in range(S) if today[s] is not None],
+               "tested": [stream.symbols[s] for s in tested]}
+        if tested:
+            y = torch.cat([tomorrow[u].y for u in tested]).cpu().numpy()                     # (N, P)
+            pred = torch.cat([predict_classes(model, u, tomorrow[u].x) for u in tested]).cpu().numpy()
+            day |= {"acc_per_label": [metrics.average_accuracy(R[h]) for h in range(P)],
+                    "bwt_per_label": [metrics.backward_transfer(R[h]) for h in range(P)],
+                    "macro_f1_per_label": [metrics.macro_f1(y[:, h], pred[:, h], MARKET_NUM_CLASSES)
+                                           for h in range(P)],
+                    "acc_matrices": [matrix_to_json(R[h]) for h in range(P)]}
+        day |= {"seconds": time.perf_counter() - day_start, "step_seconds": timer.current}
+        record["days"].append(day)
+        record["days_done"] = d + 1
+        record.update(market_summary(record["days"]))
+        elapsed = time.perf_counter() - started
+        log(f"[{method} seed {seed}] day {d + 1}/{D} ({day['train_day']}, tested on {day['test_day']})"
+            + ("" if not tested else
+               ": ACC per label " + " ".join(f"{100 * a:.1f}" for a in day["acc_per_label"])
+               + " | BWT " + " ".join(f"{100 * b:+.1f}" for b in day["bwt_per_label"]))
+            + f" | elapsed {elapsed / 60:.1f} min, ~{elapsed / (d + 1) * (D - d - 1) / 60:.1f} min left")
+        if on_day_done:
+            on_day_done(record)
+    return record
+
+
+def format_market_run(record: dict) -> str:
+    """A run's per-label ACC, BWT and macro F1 next to the class balance."""
+    lines = [f"{'label (target, stop)':<22s}{'ACC %':>8s}{'BWT %':>8s}{'F1 %':>7s}"
+             f"   class balance % (0 stop / 1 not above / 2 above / 3 target)"]
+    for h, (target, stop) in enumerate(record["label_pairs"]):
+        balance = " / ".join(f"{100 * f:.1f}" for f in record["class_balance"][h])
+        lines.append(f"{h + 1} (+{target:.1%}, -{stop:.1%}){'':<5s}"
+                     f"{100 * record['acc_per_label'][h]:>8.2f}{100 * record['bwt_per_label'][h]:>+8.2f}"
+                     f"{100 * record['macro_f1_per_label'][h]:>7.1f}   {balance}")
+    return "\n".join(lines)
+
+
+def run_market_experiment(cfg: Config, method: str, train_task, model_kwargs,
+                          overridden=frozenset(), log=print) -> dict:
+    """run_experiment for MarketCL: the same results.json (config, torch,
+    device, method, schedule, runs, summary), written after every day, so an
+    interruption keeps the finished days. Resume is per seed only: --resume
+    keeps the seeds that finished and runs an unfinished seed again from its
+    first day (no checkpoints inside a seed)."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    results_path = Path(cfg.out) / "results.json" if cfg.out else None
+    previous = {}
+    if results_path:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and results_path.exists():
+            previous = {r["seed"]: r for r in json.loads(results_path.read_text()).get("runs", [])}
+    results = {"method": method, "schedule": describe_schedule(cfg, overridden),
+               "config": dataclasses.asdict(cfg), "torch": torch.__version__,
+               "device": str(device), "runs": [], "summary": {}}
+    log(f"{method} on {cfg.dataset} (MarketCL), device {device}, torch {torch.__version__}")
+    log(results["schedule"])
+
+    def save(current=None):
+        runs = results["runs"] + ([current] if current else [])
+        if results_path:
+            atomic_write_json(results_path, {**results, "runs": runs, "summary": summarize(runs)})
+
+    with flush_denormals():
+        for seed in range(cfg.seed, cfg.seed + cfg.runs):
+            old = previous.get(seed)
+            if old and old["days_done"] == old["training_days"]:
+                log(f"[{method} seed {seed}] already finished, skipped")
+                results["runs"].append(old)
+                continue
+            stream = load_market_stream(cfg, seed, device)
+            log(stream.summary())
+            record = run_market_seed(cfg, method, seed, stream, train_task, model_kwargs, device,
+                                     log, on_day_done=save)
+            results["runs"].append(record)
+            save()
+            log(f"[{method} seed {seed}] means over {record['training_days']} days "
+                f"({sum(day['seconds'] for day in record['days']) / 60:.1f} min):\n"
+                + format_market_run(record))
+    results["summary"] = summarize(results["runs"])
+    s = results["summary"]
+    log(f"{method}: ACC (mean over labels) {100 * s['acc_mean']:.2f} (std {100 * s['acc_std']:.2f}) %, "
+        f"BWT {100 * s['bwt_mean']:+.2f} %, over {s['runs']} run(s); {results['schedule']}")
+    return results
+
+
+def market_table(results_by_method: dict, descriptions: dict) -> str:
+    """The report's Table 3 layout: per-label accuracy (%) of each method (mean
+    over runs), the BWT averaged over labels, and the class balance of each
+    label, so a reader can see what chance is. results_by_method: method ->
+    results.json content; descriptions: method -> the name to print."""
+    runs = {m: [r for r in res["runs"] if r.get("acc") is not None and r["days_done"] == r["training_days"]]
+            for m, res in results_by_method.items()}
+    runs = {m: rs for m, rs in runs.items() if rs}
+    if not runs:
+        return "(no finished MarketCL run)"
+    pairs = next(iter(runs.values()))[0]["label_pairs"]
+    header = ([f"label {h + 1} (+{t:.1%}, -{s:.1%}) acc %" for h, (t, s) in enumerate(pairs)]
+              + ["BWT % (mean over labels)", "runs", "wall time / run"])
+    lines = ["| Method | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+    for m, rs in runs.items():
+        acc = np.array([r["acc_per_label"] for r in rs])                       # (runs, P)
+        cells = [f"{100 * a:.2f}" + (f" ({100 * sd:.2f})" if len(rs) > 1 else "")
+                 for a, sd in zip(acc.mean(0), acc.std(0))]
+        minutes = np.mean([sum(day["seconds"] for day in r["days"]) for r in rs]) / 60
+        cells += [f"{100 * np.mean([r['bwt'] for r in rs]):+.3f}", str(len(rs)), f"{minutes:.1f} min"]
+        lines.append(f"| {descriptions.get(m, m)} | " + " | ".join(cells) + " |")
+    balance = np.array(next(iter(runs.values()))[0]["class_balance"])               # (P, 4)
+    lines.append("| class balance % (0 stop / 1 not above / 2 above / 3 target) | "
+                 + " | ".join(" / ".join(f"{100 * f:.1f}" for f in row) for row in balance)
+                 + " | | | |")
+    lines.append("| majority class % (always guessing it) | "
+                 + " | ".join(f"{100 * row.max():.2f}" for row in balance) + " | | | |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -1169,16 +1462,22 @@ def storage_table(cfg: Config, shape, k, tasks=(20, 100, 308, 1000)) -> str:
 # ---------------------------------------------------------------------------
 
 FLAG_HELP = {
-    "dataset": "glyphs (offline synthetic default), cifar100, imagedata or npz",
+    "dataset": "glyphs (offline synthetic default), cifar100, imagedata, npz, market (needs "
+               "--source) or market-synthetic (offline)",
+    "source": "market: a CSV file or a folder of minute-bar CSVs (datetime,symbol,open,high,low,close,volume)",
+    "num_days": "market: keep only the first N days with samples (N >= 2; the last is only tested)",
     "profile": "paper | short (epochs/10, 1 meta-epoch) | quick; default: paper for cifar100, else quick",
     "meta_sign": "reptile: move the KB towards the adapted weights (default); authors: away (their code)",
     "mask_activation": "relu (authors' default) or sigmoid",
+    "mask_init": "ones: mask generator bias 1, masks start near all-ones (default, our choice); "
+                 "default: PyTorch's init, as the authors",
     "meta_impl": "loop | vmap | auto (vmap on CUDA)",
     "supsup": "replace the per-task M_t and C_t by one shared SupSup mask generator and head",
     "supsup_binarize": "topk: SupSup's top-density |score| per layer; sign: the report's score >= 0",
     "infer_task": "after the run, also evaluate without the task id (lowest-entropy task)",
 }
-CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz"], "profile": list(PROFILES),
+CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz", *MARKET_DATASETS],
+           "profile": list(PROFILES), "mask_init": ["ones", "default"],
            "supsup_binarize": ["topk", "sign"],
            "meta_sign": ["reptile", "authors"], "mask_activation": ["relu", "sigmoid"],
            "meta_impl": ["auto", "loop", "vmap"]}
@@ -1216,7 +1515,7 @@ def make_parser(description=None) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=positive(int), nargs="+", **kwargs)
         elif f.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[f.name], **kwargs)
-        elif f.name in ("num_tasks", "runs", "batch_size", "latent", "threads") or f.name.startswith(("epochs", "meta_k", "meta_inner_steps", "meta_epochs")):
+        elif f.name in ("num_tasks", "num_days", "runs", "batch_size", "latent", "threads") or f.name.startswith(("epochs", "meta_k", "meta_inner_steps", "meta_epochs")):
             parser.add_argument(flag, type=positive(int), **kwargs)
         elif kind in (int, float):
             parser.add_argument(flag, type=non_negative(kind) if f.name != "seed" else int, **kwargs)
@@ -1234,6 +1533,13 @@ def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
         parser.error("--resume needs --out DIR (the folder of the interrupted run)")
     if given.get("dataset") == "npz" and not given.get("path"):
         parser.error("--dataset npz needs --path FILE.npz")
+    if (given.get("source") is not None) != (given.get("dataset") == "market"):
+        parser.error("--dataset market needs --source (a minute-bar CSV or a folder of them), "
+                     "and only it takes one")
+    if given.get("num_days") is not None and given.get("dataset") not in MARKET_DATASETS:
+        parser.error("--num-days is for the market datasets")
+    if given.get("num_days") == 1:
+        parser.error("--num-days must be >= 2: MarketCL trains on a day and tests on the next")
     if not 0 <= given.get("dropout", 0.5) < 1:
         parser.error("--dropout must be in [0, 1)")
     if not 0 < given.get("supsup_density", 0.5) <= 1:
@@ -1260,8 +1566,10 @@ def main(argv=None):
               f"{cfg.out or '(no --out given)'}/results.json.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: finished tasks are saved"
-              + (f" in {cfg.out}; continue with the same command plus --resume" if cfg.out
+        market = cfg.dataset in MARKET_DATASETS
+        print(f"\ninterrupted: finished {'days' if market else 'tasks'} are saved"
+              + ((f" in {cfg.out}/results.json (--resume keeps finished seeds only)" if market else
+                  f" in {cfg.out}; continue with the same command plus --resume") if cfg.out
                  else " nowhere (no --out given)"), file=sys.stderr)
         return 130
     return 0

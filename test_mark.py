@@ -581,3 +581,23 @@ def test_storage_table_counts_masks_as_bits():
     assert per_task["b4"] == 4 * (339_520 + 645)
     # SupSup: F_t in float32 plus one bit per weight of the shared M and C (no biases)
     assert per_task["supsup"] == 4 * 158_528 + (128 * 64 + 128 * 128 + 128 * 256) // 8 + (128 * 5) // 8
+
+
+def test_masks_start_near_all_ones_so_the_kb_signal_passes():
+    """mask_init='ones' (our deviation): at the start of step 3 the masked KB's
+    output still varies with the input; with PyTorch's default init the three
+    small masks shrink the signal by orders of magnitude (the stuck-at-chance
+    failure we measured on CIFAR-100)."""
+    torch.manual_seed(0)
+    kb = mm.KnowledgeBase((3, 32, 32)).eval()
+    x = torch.randn(64, 3, 32, 32)
+    q = F.relu(torch.randn(64, 128))
+    unmasked = kb(x).std(0).mean()
+    spread, level = {}, {}
+    for init in ("ones", "default"):
+        masks = mm.MaskGenerator(128, (64, 128, 256), "relu", init)(q)
+        spread[init] = kb(x, masks).std(0).mean() / unmasked
+        level[init] = [m.mean().item() for m in masks]
+    assert all(0.8 < v < 1.2 for v in level["ones"])
+    assert all(v < 0.3 for v in level["default"])
+    assert spread["ones"] > 10 * spread["default"]

@@ -1,0 +1,179 @@
+"""bench.py: how fast does mark_min train MARK, step by step, at the paper's hyperparameters?
+
+    python bench.py                         # CPU, real CIFAR-100 task 0 if ./data has it, else random
+    python bench.py --device cuda --json bench.json
+    python bench.py --dataset random --epochs 3
+
+Measures, on CIFAR-100's first task (2,125 training images, batch 128):
+images per second of steps 1, 2, 3 and 5 (a few epochs each, after a
+warm-up), the time of one meta-epoch of step 4 (K = 10 meta-tasks x 40 SGD
+steps on one batch each), the arithmetic rate the KB steps achieve against a
+large matrix product timed in the same run (how close the training loop is to
+this machine's limit), and peak memory. The authors' code, measured on a
+2-core CPU like this one (torch 2.14.1, their data loader), is printed beside.
+
+The arithmetic per step is the paper's: same model, same batch size, same
+number of epochs and inner steps; only how it is computed differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import mark_min as mm
+from data import DataError, Split, Task, load_tasks
+
+# The authors' code on a 2-core CPU (issue #8): images/s ranges and the middle.
+AUTHORS = {"feature_extractor": (1190, 1280), "kb_pretrain": (720, 830),
+           "masks_head": (580, 640), "consolidation": (605, 640)}
+AUTHORS_META_EPOCH_S = (57, 69, 64)      # min, max, median seconds
+
+
+def first_task(dataset, data_dir, device) -> Task:
+    """CIFAR-100 task 0 (seed 0), or random data of the same shape and size."""
+    if dataset == "cifar100":
+        try:
+            return load_tasks("cifar100", data_dir=data_dir, seed=0, num_tasks=1, device=device)[0]
+        except DataError as err:
+            print(f"(no CIFAR-100 here: {str(err).splitlines()[0]}; using random data)")
+    g = torch.Generator().manual_seed(0)
+    split = lambda n: Split(torch.randn(n, 3, 32, 32, generator=g).to(device),
+                            torch.randint(0, 5, (n,), generator=g).to(device))
+    return Task(0, list(range(5)), [f"random{i}" for i in range(5)], split(2125), split(375), split(500))
+
+
+def timed(device, fn):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def matmul_gflops(device, n=2048, repeats=10) -> float:
+    """This machine's practical fp32 limit: a large matrix product."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    seconds, _ = timed(device, lambda: [a @ b for _ in range(repeats)])
+    return 2 * n ** 3 * repeats / seconds / 1e9
+
+
+def kb_flops_per_image(model, task, cfg) -> float:
+    """Floating-point operations of one step-2 training step (forward and
+    backward through KB + head), per image, counted by torch's flop counter."""
+    x, y = task.train.x[:cfg.batch_size], task.train.y[:cfg.batch_size]
+    head = model.heads[0]
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(head(model.kb(0)(x)), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(y)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--dataset", default="cifar100", choices=["cifar100", "random"])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epochs", type=mm.positive(int), default=2, help="measured epochs per step")
+    parser.add_argument("--threads", type=mm.positive(int), default=None)
+    parser.add_argument("--no-channels-last", action="store_true", help="measure the NCHW layout")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    device = mm.resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    task = first_task(args.dataset, args.data_dir, device)
+    # The paper's hyperparameters; only the number of epochs per measurement is ours.
+    cfg = mm.resolve_config(mm.Config(dataset="cifar100", profile="paper",
+                                      channels_last=not args.no_channels_last))
+    if cfg.channels_last:
+        task.train.x = task.train.x.contiguous(memory_format=torch.channels_last)
+    model = mm.build_model(cfg, task.input_shape, [task.num_classes], device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    n = len(task.train.y)
+    short = lambda **kw: mm.dataclasses.replace(cfg, **kw)
+
+    steps = {
+        "feature_extractor": lambda c: mm.step1_feature_extractor(model, 0, task, c, gen),
+        "kb_pretrain": lambda c: mm.step2_pretrain_kb(model, 0, task, c, gen),
+        "masks_head": lambda c: mm.step3_masks_and_head(model, 0, task, c, gen, query),
+        "consolidation": lambda c: mm.step5_consolidate(model, 0, task, c, gen, query),
+    }
+    epoch_field = {"feature_extractor": "epochs_fe", "kb_pretrain": "epochs_kb",
+                   "masks_head": "epochs_masks", "consolidation": "epochs_consolidate"}
+    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "dataset": args.dataset, "train_images": n, "epochs_measured": args.epochs,
+               "channels_last": cfg.channels_last, "steps": {}}
+    query = None
+    for name, run in steps.items():
+        field = epoch_field[name]
+        run(short(**{field: 1}))                               # warm-up epoch
+        if name == "feature_extractor":
+            query = mm.step1_feature_extractor(model, 0, task, short(epochs_fe=1), gen)
+        seconds, out = timed(device, lambda: run(short(**{field: args.epochs})))
+        if name == "feature_extractor":
+            query = out
+        results["steps"][name] = {"images_per_s": args.epochs * n / seconds}
+        print(f"  {name:<18s} {args.epochs * n / seconds:8.0f} images/s", flush=True)
+
+    mm.step4_meta_update(model, 0, task, short(meta_epochs=1, meta_k=1, meta_inner_steps=5), gen, query)
+    seconds, _ = timed(device, lambda: mm.step4_meta_update(model, 0, task, short(meta_epochs=1), gen, query))
+    results["meta_epoch_s"] = seconds
+    passes = cfg.meta_k * cfg.meta_inner_steps * cfg.batch_size
+    results["meta_image_passes_per_s"] = passes / seconds
+    print(f"  {'meta-epoch':<18s} {seconds:8.1f} s ({passes / seconds:.0f} image-passes/s)", flush=True)
+
+    flops = kb_flops_per_image(model, task, cfg)
+    results["kb_flops_per_image"] = flops
+    results["kb_gflops"] = flops * results["steps"]["kb_pretrain"]["images_per_s"] / 1e9
+    results["matmul_gflops"] = matmul_gflops(device)
+    results["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # One task at the paper's hyperparameters, and the 20-task protocol, from these rates.
+    e = cfg.epochs_fe, cfg.epochs_kb, cfg.epochs_masks, cfg.epochs_consolidate
+    r = [results["steps"][k]["images_per_s"] for k in epoch_field]
+    per_task = (e[0] * n / r[0] + e[2] * n / r[2] + e[3] * n / r[3] + cfg.meta_epochs * seconds)
+    results["projected_task_s"] = per_task
+    results["projected_protocol_h"] = (20 * per_task + e[1] * n / r[1]) / 3600
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def print_table(r):
+    print(f"\nmark-min on {r['device']} ({r['threads']} threads, torch {r['torch']}, {r['dataset']} "
+          f"task 0, {r['train_images']} images, batch 128, {r['epochs_measured']} epochs per step)")
+    print(f"| step | authors' code | mark-min | speed-up vs middle |")
+    print(f"|---|---|---|---|")
+    names = {"feature_extractor": "1 feature extractor", "kb_pretrain": "2 KB pre-training",
+             "masks_head": "3 masks + head", "consolidation": "5 consolidation"}
+    for key, label in names.items():
+        lo, hi = AUTHORS[key]
+        ours = r["steps"][key]["images_per_s"]
+        print(f"| {label} | {lo:,}-{hi:,} images/s | {ours:,.0f} images/s | {ours / ((lo + hi) / 2):.2f}x |")
+    lo, hi, mid = AUTHORS_META_EPOCH_S
+    print(f"| 4 one meta-epoch | {lo}-{hi} s (median {mid}) | {r['meta_epoch_s']:.1f} s | "
+          f"{mid / r['meta_epoch_s']:.2f}x |")
+    print(f"| one task, paper hyperparameters | ~1,080 s | {r['projected_task_s']:.0f} s (projected) | "
+          f"{1080 / r['projected_task_s']:.2f}x |")
+    print(f"| full 20-task protocol, one seed | ~6.1-6.5 h | {r['projected_protocol_h']:.2f} h (projected) | |")
+    print(f"\nKB training step: {r['kb_flops_per_image'] / 1e6:.0f} MFLOP per image -> "
+          f"{r['kb_gflops']:.1f} GFLOP/s achieved; a 2048x2048 matmul reaches {r['matmul_gflops']:.1f} "
+          f"GFLOP/s ({100 * r['kb_gflops'] / r['matmul_gflops']:.0f}% of it). Peak memory "
+          f"{r['peak_memory_mb']:.0f} MB.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
