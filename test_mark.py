@@ -6,7 +6,18 @@ No test needs the internet, a GPU (CUDA tests skip without one) or the files
 in ../shared/data: every dataset a test uses is built by the test.
 """
 import copy
+import gzip
+import hashlib
+import io
 import json
+import math
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import data
 import mark_min as mm
-from data import Split, Task
+from data import (MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS, DataError, Sequences, Split, Task,
+                  decode_png, gray8_from_rgb, load_market, load_tasks, market_features,
+                  market_labels, market_sample_minutes, market_session_days, read_imagedata_glyphs,
+                  read_market_csv, resize_gray8, shear_images, write_synthetic_market)
+from metrics import (average_accuracy, backward_transfer, forgetting, format_matrix, format_table,
+                     forward_transfer, macro_f1, mean_std, summarize_runs)
 
 SETTINGS = settings(max_examples=20, deadline=None)
 # The models here are tiny: one thread is faster, and immune to a busy CPU.
@@ -601,3 +618,1447 @@ def test_masks_start_near_all_ones_so_the_kb_signal_passes():
     assert all(0.8 < v < 1.2 for v in level["ones"])
     assert all(v < 0.3 for v in level["default"])
     assert spread["ones"] > 10 * spread["default"]
+
+
+# ---------------------------------------------------------------------------
+# Properties of the continual-learning metrics in metrics.py.
+#
+#
+# Hand-computed cases carry their arithmetic in a comment; hypothesis checks
+# the properties that should hold for every accuracy matrix.
+# ---------------------------------------------------------------------------
+
+FAST = settings(max_examples=40, deadline=None)
+
+# Anything a run loop might leave above the diagonal: NaN, inf, huge numbers.
+garbage = st.one_of(st.just(float("nan")), st.just(float("inf")),
+                    st.floats(allow_nan=True, allow_infinity=True))
+fraction = st.floats(0.0, 1.0)
+
+
+@st.composite
+def accuracy_matrices(draw, min_tasks=1, max_tasks=6, column=None):
+    """(R, clean): R has garbage above the diagonal, clean has zeros there.
+
+    column(draw, length) -> list of fractions fills each column j downwards
+    from the diagonal (rows j..T-1); default: independent fractions.
+    """
+    T = draw(st.integers(min_tasks, max_tasks))
+    R = [[draw(garbage) for _ in range(T)] for _ in range(T)]
+    clean = [[0.0] * T for _ in range(T)]
+    for j in range(T):
+        values = (column(draw, T - j) if column
+                  else draw(st.lists(fraction, min_size=T - j, max_size=T - j)))
+        for i, v in zip(range(j, T), values):
+            R[i][j] = clean[i][j] = v
+    return R, clean
+
+
+def falling_column(draw, length):
+    """A column that never rises: R[j][j] >= R[j+1][j] >= ... >= R[T-1][j]."""
+    return sorted(draw(st.lists(fraction, min_size=length, max_size=length)),
+                  reverse=True)
+
+
+# ---------------------------------------------------------------------------
+# Hand-computed matrices (T = 3)
+# ---------------------------------------------------------------------------
+
+# Accuracy on task 0 rises after task 1 (0.90 -> 0.95) and then falls; R[0][1]
+# and R[1][2] are the accuracies on tasks 1 and 2 just before training them.
+R3 = [[0.90, 0.30, np.nan],
+      [0.95, 0.70, 0.25],
+      [0.60, 0.50, 0.40]]
+B3 = [np.nan, 0.20, 0.20]     # accuracy at initialisation; b[0] is unused
+
+
+def test_accuracy_of_hand_matrix_is_mean_of_last_row():
+    # (0.60 + 0.50 + 0.40) / 3 = 0.50
+    assert average_accuracy(R3) == pytest.approx(0.50)
+
+
+def test_backward_transfer_of_hand_matrix():
+    # j=0: 0.60 - 0.90 = -0.30;  j=1: 0.50 - 0.70 = -0.20;  sum -0.50, / (T-1)=2
+    assert backward_transfer(R3) == pytest.approx(-0.25)
+
+
+def test_gem_code_divides_bwt_and_fwt_by_T_not_T_minus_1():
+    # The same sums as above, over T = 3 instead of T-1 = 2 (GEM's code takes
+    # the mean of a length-T vector whose last entry is 0):
+    # BWT: -0.50 / 3 = -0.1667 (paper: -0.25);  FWT: 0.15 / 3 = 0.05 (paper: 0.075)
+    assert backward_transfer(R3, divide_by="T") == pytest.approx(-0.5 / 3)
+    assert forward_transfer(R3, B3, divide_by="T") == pytest.approx(0.05)
+    assert backward_transfer(R3, divide_by="T-1") == pytest.approx(-0.25)
+
+
+def test_forward_transfer_of_hand_matrix():
+    # i=1: R[0][1] - b1 = 0.30 - 0.20 = 0.10;  i=2: R[1][2] - b2 = 0.25 - 0.20 = 0.05
+    # (0.10 + 0.05) / 2 = 0.075
+    assert forward_transfer(R3, B3) == pytest.approx(0.075)
+
+
+def test_forgetting_of_hand_matrix_uses_the_best_earlier_accuracy():
+    # j=0: max(R[0][0], R[1][0]) - R[2][0] = max(0.90, 0.95) - 0.60 = 0.35
+    # j=1: max(R[1][1])          - R[2][1] = 0.70 - 0.50            = 0.20
+    # (0.35 + 0.20) / 2 = 0.275, more than -BWT = 0.25 because task 0 first rose
+    assert forgetting(R3) == pytest.approx(0.275)
+
+
+def test_forward_transfer_needs_the_superdiagonal():
+    R = [[0.9, np.nan], [0.8, 0.7]]     # task 1 never evaluated before training
+    with pytest.raises(ValueError, match="superdiagonal"):
+        forward_transfer(R, [0.0, 0.1])
+
+
+def test_forward_transfer_checks_the_length_of_b():
+    with pytest.raises(ValueError, match="length T = 3"):
+        forward_transfer(R3, [0.2, 0.2])
+
+
+# ---------------------------------------------------------------------------
+# Properties over all matrices
+# ---------------------------------------------------------------------------
+
+@FAST
+@given(accuracy_matrices())
+def test_accuracy_is_mean_of_last_row_whatever_lies_above_diagonal(pair):
+    R, _ = pair
+    last = R[-1]
+    assert average_accuracy(R) == pytest.approx(sum(last) / len(last), abs=1e-12)
+
+
+@FAST
+@given(accuracy_matrices())
+def test_entries_above_diagonal_never_matter(pair):
+    R, clean = pair
+    for metric in (average_accuracy, backward_transfer, forgetting):
+        assert metric(R) == metric(clean)
+
+
+@FAST
+@given(accuracy_matrices(min_tasks=2), st.data())
+def test_forward_transfer_reads_only_the_first_superdiagonal_above(pair, data):
+    R, clean = pair
+    T = len(R)
+    b = data.draw(st.lists(fraction, min_size=T, max_size=T))
+    for i in range(1, T):       # fill R[i-1][i] identically in both matrices
+        R[i - 1][i] = clean[i - 1][i] = data.draw(fraction)
+    assert forward_transfer(R, b) == forward_transfer(clean, b)
+
+
+@FAST
+@given(st.integers(1, 6), st.data())
+def test_bwt_and_forgetting_are_zero_when_every_column_is_constant(T, data):
+    # Each task keeps the accuracy it had right after being learned.
+    values = data.draw(st.lists(fraction, min_size=T, max_size=T))
+    R = [[values[j] if j <= i else np.nan for j in range(T)] for i in range(T)]
+    assert backward_transfer(R) == 0.0
+    assert forgetting(R) == 0.0
+
+
+@FAST
+@given(accuracy_matrices(min_tasks=2, column=falling_column))
+def test_when_accuracies_only_fall_forgetting_equals_minus_bwt(pair):
+    R, _ = pair
+    # The best accuracy of a task that only falls is the one right after
+    # learning it, so both metrics measure the same drop R[j][j] - R[T-1][j].
+    assert backward_transfer(R) <= 0.0
+    assert forgetting(R) == pytest.approx(-backward_transfer(R), abs=1e-12)
+
+
+@FAST
+@given(accuracy_matrices(min_tasks=2, column=falling_column), st.data())
+def test_a_strict_fall_makes_bwt_negative_and_forgetting_positive(pair, data):
+    R, _ = pair
+    T = len(R)
+    j = data.draw(st.integers(0, T - 2))
+    # Make task j's fall strict while its column still never rises:
+    # R[j][j] >= ... >= R[T-2][j] >= 0.5 >= old R[T-1][j] / 2, and not all equal.
+    for i in range(j, T - 1):
+        R[i][j] = max(R[i][j], 0.5)
+    R[T - 1][j] = R[T - 1][j] / 2
+    assert backward_transfer(R) < 0.0
+    assert forgetting(R) > 0.0
+
+
+@FAST
+@given(accuracy_matrices())
+def test_forgetting_is_never_below_minus_bwt(pair):
+    R, _ = pair
+    # max over rows j..T-2 of R[.][j] >= R[j][j], task by task.
+    assert forgetting(R) >= -backward_transfer(R) - 1e-12
+
+
+# ---------------------------------------------------------------------------
+# A single task
+# ---------------------------------------------------------------------------
+
+def test_single_task_has_no_transfer_and_no_forgetting():
+    R = [[0.8]]
+    assert average_accuracy(R) == pytest.approx(0.8)
+    assert backward_transfer(R) == 0.0
+    assert backward_transfer(R, divide_by="T") == 0.0
+    assert forward_transfer(R, [0.1]) == 0.0
+    assert forgetting(R) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("R, message", [
+    ([[0.9, 0.1]], "square"),
+    ([[[0.9]]], "square"),
+    ([], "square"),
+    (np.zeros((0, 0)), "empty"),
+    ([[0.9], [0.8, 0.7]], "T x T"),
+    ([[np.nan, 0.0], [0.8, 0.7]], "non-finite"),
+    ([[0.9, 0.0], [np.inf, 0.7]], "non-finite"),
+    ([[90.0, 0.0], [80.0, 70.0]], "outside \\[0, 1\\]"),
+    ([[0.9, 0.0], [-0.1, 0.7]], "outside \\[0, 1\\]"),
+])
+def test_bad_matrices_are_rejected_with_a_reason(R, message):
+    for metric in (average_accuracy, backward_transfer, forgetting, format_matrix):
+        with pytest.raises(ValueError, match=message):
+            metric(R)
+
+
+def test_unknown_divisor_is_rejected():
+    with pytest.raises(ValueError, match="divide_by"):
+        backward_transfer(R3, divide_by="n")
+
+
+# ---------------------------------------------------------------------------
+# Macro F1
+# ---------------------------------------------------------------------------
+
+labels = st.integers(2, 6).flatmap(lambda C: st.tuples(
+    st.just(C), st.lists(st.integers(0, C - 1), min_size=1, max_size=30)))
+
+
+@FAST
+@given(labels)
+def test_f1_is_exactly_one_when_predictions_equal_labels(case):
+    C, y = case
+    assert macro_f1(y, list(y), C) == 1.0
+
+
+@FAST
+@given(labels, st.data())
+def test_f1_is_below_one_when_any_prediction_is_wrong(case, data):
+    C, y = case
+    y_pred = data.draw(st.lists(st.integers(0, C - 1),
+                                min_size=len(y), max_size=len(y)))
+    if y_pred == y:
+        return
+    assert macro_f1(y, y_pred, C) < 1.0
+
+
+@FAST
+@given(labels, st.data())
+def test_f1_is_the_mean_harmonic_mean_of_precision_and_recall(case, data):
+    # Independent reference: precision and recall per class, F1 their harmonic
+    # mean (0 if either is 0 or undefined), classes never seen left out.
+    C, y = case
+    y_pred = data.draw(st.lists(st.integers(0, C - 1),
+                                min_size=len(y), max_size=len(y)))
+    scores = []
+    for c in range(C):
+        tp = sum(t == c and p == c for t, p in zip(y, y_pred))
+        n_true, n_pred = y.count(c), y_pred.count(c)
+        if n_true == 0 and n_pred == 0:
+            continue
+        precision = tp / n_pred if n_pred else 0.0
+        recall = tp / n_true if n_true else 0.0
+        scores.append(2 * precision * recall / (precision + recall)
+                      if precision + recall else 0.0)
+    assert macro_f1(y, y_pred, C) == pytest.approx(sum(scores) / len(scores))
+
+
+def test_f1_hand_computed_two_classes():
+    # class 0: TP=1 FP=0 FN=1 -> 2/(2+0+1) = 2/3
+    # class 1: TP=2 FP=1 FN=0 -> 4/(4+1+0) = 4/5
+    # mean (2/3 + 4/5) / 2 = 11/15
+    assert macro_f1([0, 0, 1, 1], [0, 1, 1, 1], 2) == pytest.approx(11 / 15)
+
+
+def test_f1_leaves_out_a_class_nobody_saw_or_predicted():
+    # class 0: TP=2 FP=1 FN=0 -> 4/5;  class 1: TP=0 FN=1 -> 0;  class 2: absent
+    # mean over the two seen classes (4/5 + 0) / 2 = 0.4
+    # (counting class 2 as 1 would give 0.6, as 0 would give 0.267)
+    assert macro_f1([0, 0, 1], [0, 0, 0], 3) == pytest.approx(0.4)
+
+
+def test_f1_of_a_class_only_predicted_is_zero():
+    # class 0: TP=1 FP=0 FN=1 -> 2/3;  class 1: TP=0 FP=1 FN=0 -> 0;  mean 1/3
+    assert macro_f1([0, 0], [0, 1], 2) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("y_true, y_pred, message", [
+    ([0, 1], [0], "length"),
+    ([], [], "at least one"),
+    ([0, 2], [0, 1], "outside"),
+    ([0.0, 1.0], [0, 1], "integer"),
+])
+def test_f1_rejects_bad_labels(y_true, y_pred, message):
+    with pytest.raises(ValueError, match=message):
+        macro_f1(y_true, y_pred, 2)
+
+
+# ---------------------------------------------------------------------------
+# Runs and tables
+# ---------------------------------------------------------------------------
+
+def test_mean_std_uses_population_std():
+    # mean 0.6; deviations +-0.1 -> population std sqrt(0.02/2) = 0.1,
+    # whereas the sample std would be sqrt(0.02/1) = 0.1414
+    mean, std = mean_std([0.5, 0.7])
+    assert mean == pytest.approx(0.6)
+    assert std == pytest.approx(0.1)
+
+
+def test_mean_std_rejects_no_runs():
+    with pytest.raises(ValueError, match="at least one"):
+        mean_std([])
+
+
+def test_summarize_runs_feeds_format_table_in_percent():
+    runs = [{"acc": 0.80, "bwt": -0.004}, {"acc": 0.81, "bwt": -0.002}]
+    row = summarize_runs(runs, "MARK")
+    # acc: mean 0.805, std 0.005 -> "80.50 (0.50)"; bwt: mean -0.003 -> "-0.30"
+    assert row["runs"] == 2
+    table = format_table([row])
+    assert table.splitlines() == ["| Method | Acc (std) % | BWT % |",
+                                  "|---|---|---|",
+                                  "| MARK | 80.50 (0.50) | -0.30 |"]
+
+
+def test_format_table_prints_extra_columns_and_blanks_missing_ones():
+    rows = [{"method": "MARK", "acc_mean": 0.8036, "acc_std": 0.00313,
+             "bwt_mean": -0.0027, "Paper": "78.31 (0.3)"},
+            {"method": "Baseline 1", "acc_mean": 0.3061, "acc_std": 0.00904,
+             "bwt_mean": -0.3476}]
+    lines = format_table(rows, extra_columns=["Paper"]).splitlines()
+    assert lines[0] == "| Method | Acc (std) % | BWT % | Paper |"
+    assert lines[2] == "| MARK | 80.36 (0.31) | -0.27 | 78.31 (0.3) |"
+    assert lines[3] == "| Baseline 1 | 30.61 (0.90) | -34.76 |  |"
+
+
+def test_format_table_names_a_missing_key():
+    with pytest.raises(ValueError, match="acc_std"):
+        format_table([{"method": "MARK", "acc_mean": 0.8, "bwt_mean": 0.0}])
+
+
+def test_format_matrix_shows_lower_triangle_in_percent():
+    lines = format_matrix(R3).splitlines()
+    assert lines[0].split("|")[1].split() == ["task", "0", "task", "1", "task", "2"]
+    assert lines[1].split("|")[1].split() == ["90.00"]     # 30.00 above is hidden
+    assert lines[2].split("|")[1].split() == ["95.00", "70.00"]
+    assert lines[3].split("|")[1].split() == ["60.00", "50.00", "40.00"]
+
+
+# ---------------------------------------------------------------------------
+# Tests of data.py: the task streams every method trains on.
+#
+# Fast and offline. CIFAR-100 tests build tiny archives in the official format
+# in tmp_path (all 100 classes, 20 training and 4 test images per class); they
+# never read ./data or a downloaded file. Each tiny image encodes where it came
+# from in its pixels (red = class id, green = index within its class, blue =
+# 0 for the training file, 1 for the test file), so a test can check that every
+# image carries the label of its class after splitting and normalising.
+# ---------------------------------------------------------------------------
+
+TINY_TRAIN_PER_CLASS = 20     # -> 17 train + 3 validation per class (15%)
+TINY_TEST_PER_CLASS = 4
+UNREACHABLE = "http://127.0.0.1:9/cifar-100-python.tar.gz"   # port 9: discard
+
+
+# --- tiny CIFAR-100 in the official format ---------------------------------
+
+def _cifar_batch(per_class: int, file_code: int, label: bytes) -> dict:
+    labels = np.repeat(np.arange(100), per_class)
+    within = np.tile(np.arange(per_class), 100)
+    order = np.random.RandomState(file_code).permutation(len(labels))  # mixed, like the real files
+    labels, within = labels[order], within[order]
+    pixels = np.zeros((len(labels), 3, 1024), dtype=np.uint8)   # channel-major rows
+    pixels[:, 0] = labels[:, None]
+    pixels[:, 1] = within[:, None]
+    pixels[:, 2] = file_code
+    return {b"batch_label": label,
+            b"filenames": [b"img_%05d.png" % i for i in range(len(labels))],
+            b"fine_labels": labels.tolist(),
+            b"coarse_labels": (labels // 5).tolist(),
+            b"data": pixels.reshape(len(labels), 3072)}
+
+
+def _cifar_files() -> dict[str, bytes]:
+    meta = {b"fine_label_names": [b"class%03d" % c for c in range(100)],
+            b"coarse_label_names": [b"super%02d" % c for c in range(20)]}
+    objects = {"train": _cifar_batch(TINY_TRAIN_PER_CLASS, 0, b"training batch 1 of 1"),
+               "test": _cifar_batch(TINY_TEST_PER_CLASS, 1, b"testing batch 1 of 1"),
+               "meta": meta}
+    return {name: pickle.dumps(obj, protocol=4) for name, obj in objects.items()}
+
+
+def _write_folder(data_dir, files=None):
+    folder = data_dir / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, content in (files or _cifar_files()).items():
+        (folder / name).write_bytes(content)
+
+
+def _write_archive(data_dir, extra=()) -> str:
+    """Write cifar-100-python.tar.gz (plus `extra` TarInfo members); its md5."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        folder = tarfile.TarInfo("cifar-100-python")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, content in _cifar_files().items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+    archive = data_dir / "cifar-100-python.tar.gz"
+    archive.write_bytes(gzip.compress(buffer.getvalue(), compresslevel=1))
+    return hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def _decode(split: Split):
+    """(class id, index within class, file code) of every image, from its pixels."""
+    mean = torch.tensor(data.CIFAR100_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CIFAR100_STD).view(1, 3, 1, 1)
+    raw = (split.x * std + mean).round().to(torch.int64)      # (N, 3, 32, 32)
+    assert (raw == raw[:, :, :1, :1]).all()                   # planes stay constant
+    return raw[:, 0, 0, 0], raw[:, 1, 0, 0], raw[:, 2, 0, 0]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No test may download: point the URL at a port that refuses."""
+    monkeypatch.setattr(data, "CIFAR100_URL", UNREACHABLE)
+
+
+# --- CIFAR-100 ----------------------------------------------------------------
+
+def test_cifar100_from_the_archive_is_20_tasks_of_5_with_every_image_labelled_by_its_class(
+        tmp_path, monkeypatch, offline):
+    monkeypatch.setattr(data, "CIFAR100_MD5", _write_archive(tmp_path))
+    tasks = load_tasks("cifar100", data_dir=tmp_path, seed=0)
+
+    assert sorted(p.name for p in (tmp_path / "cifar-100-python").iterdir()) == ["meta", "test", "train"]
+    assert not (tmp_path / "cifar-100-python.partial").exists()
+    assert len(tasks) == 20
+    assert sorted(c for task in tasks for c in task.class_ids) == list(range(100))
+    order = np.random.RandomState(0).permutation(100)          # the documented class order
+    for t, task in enumerate(tasks):
+        assert task.index == t
+        assert task.class_ids == order[5 * t:5 * t + 5].tolist()
+        assert task.class_names == ["class%03d" % c for c in task.class_ids]
+        # 15% of each class's 20 training images is validation: 5 x (17, 3); test 5 x 4
+        assert (len(task.train), len(task.val), len(task.test)) == (85, 15, 20)
+        for split, file_code in ((task.train, 0), (task.val, 0), (task.test, 1)):
+            assert split.x.dtype == torch.float32 and split.x.shape[1:] == (3, 32, 32)
+            assert split.y.dtype == torch.int64
+            assert torch.bincount(split.y, minlength=5).tolist() == [len(split) // 5] * 5
+            cls, _, code = _decode(split)
+            assert (cls == torch.tensor(task.class_ids)[split.y]).all()
+            assert (code == file_code).all()
+        # train and validation share no image and together hold all of it
+        tr_cls, tr_idx, _ = _decode(task.train)
+        va_cls, va_idx, _ = _decode(task.val)
+        keys = torch.cat([tr_cls * 100 + tr_idx, va_cls * 100 + va_idx])
+        assert sorted(keys.tolist()) == sorted(c * 100 + i for c in task.class_ids for i in range(20))
+
+
+def test_cifar100_reads_an_unpacked_folder_without_checking_md5_and_gets_the_same_stream(
+        tmp_path, offline):
+    _write_folder(tmp_path / "unpacked")           # no archive, official md5 unmatched
+    from_folder = load_tasks("cifar100", data_dir=tmp_path / "unpacked", seed=3)
+    assert len(from_folder) == 20
+    all_ids = [c for task in from_folder for c in task.class_ids]
+    assert sorted(all_ids) == list(range(100))     # every class in exactly one task
+
+
+def test_same_seed_gives_the_same_stream_and_another_seed_another_class_order(tmp_path, offline):
+    _write_folder(tmp_path)
+    a, b = load_tasks("cifar100", data_dir=tmp_path, seed=0), load_tasks("cifar100", data_dir=tmp_path, seed=0)
+    c = load_tasks("cifar100", data_dir=tmp_path, seed=1)
+    for ta, tb in zip(a, b):
+        assert ta.class_ids == tb.class_ids
+        for split in ("train", "val", "test"):
+            assert torch.equal(getattr(ta, split).x, getattr(tb, split).x)
+            assert torch.equal(getattr(ta, split).y, getattr(tb, split).y)
+    assert [t.class_ids for t in a] != [t.class_ids for t in c]
+    assert sorted(i for t in c for i in t.class_ids) == list(range(100))
+
+
+def test_num_tasks_keeps_the_first_tasks_of_the_full_stream(tmp_path, offline):
+    _write_folder(tmp_path)
+    full = load_tasks("cifar100", data_dir=tmp_path, seed=5)
+    first = load_tasks("cifar100", data_dir=tmp_path, seed=5, num_tasks=3)
+    assert len(first) == 3
+    for short, long in zip(first, full):
+        assert short.class_ids == long.class_ids
+        assert torch.equal(short.train.x, long.train.x) and torch.equal(short.val.y, long.val.y)
+
+
+def test_an_archive_with_the_wrong_md5_is_refused_and_nothing_is_unpacked(tmp_path, offline):
+    _write_archive(tmp_path)                         # its md5 is not the official one
+    with pytest.raises(DataError, match="md5") as err:
+        load_tasks("cifar100", data_dir=tmp_path)
+    assert data.CIFAR100_MD5 in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-100-python.tar.gz"]
+
+
+def _member(name, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = 4 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize("make_member", [
+    lambda root: _member("../evil"),
+    lambda root: _member("cifar-100-python/../../evil"),
+    lambda root: _member(str(root / "evil")),                      # absolute path
+    lambda root: _member("cifar-100-python/evil", tarfile.SYMTYPE, str(root / "evil")),
+    lambda root: _member("cifar-100-python/evil", tarfile.LNKTYPE, "cifar-100-python/train"),
+    lambda root: _member("README"),                                 # outside the folder
+], ids=["dotdot", "nested-dotdot", "absolute", "symlink", "hardlink", "outside-folder"])
+def test_an_archive_member_that_would_land_outside_the_folder_is_refused(
+        tmp_path, monkeypatch, offline, make_member):
+    data_dir = tmp_path / "a" / "b"
+    monkeypatch.setattr(data, "CIFAR100_MD5", _write_archive(data_dir, [make_member(tmp_path)]))
+    with pytest.raises(DataError, match="refusing to unpack"):
+        load_tasks("cifar100", data_dir=data_dir)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["cifar-100-python.tar.gz"]
+    assert not list(tmp_path.rglob("evil")) and not (data_dir / "README").exists()
+
+
+def test_a_pickle_that_calls_a_function_is_refused_before_the_call(tmp_path, offline):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):          # what a tampered file would carry
+            return (os.mkdir, (str(marker),))
+
+    files = _cifar_files()
+    files["train"] = pickle.dumps({b"data": Exploit()}, protocol=4)
+    _write_folder(tmp_path / "d", files)
+    with pytest.raises(DataError, match="refusing to load .*tampered"):
+        load_tasks("cifar100", data_dir=tmp_path / "d")
+    assert not marker.exists()
+
+
+def test_offline_the_error_names_the_address_the_file_the_folder_and_the_md5(tmp_path, offline):
+    with pytest.raises(DataError) as err:
+        load_tasks("cifar100", data_dir=tmp_path)
+    message = str(err.value)
+    for needed in (UNREACHABLE, "cifar-100-python.tar.gz", str(tmp_path.resolve()),
+                   "eb9058c3a382ffc7106e4002c42a8d85"):
+        assert needed in message
+    assert list(tmp_path.iterdir()) == []            # no half-downloaded file left
+
+
+def test_a_download_cut_off_halfway_leaves_no_file_that_looks_like_the_archive(tmp_path, monkeypatch):
+    class CutOff(io.BytesIO):          # one chunk arrives, then the line drops
+        headers = {"Content-Length": str(3 << 20)}
+
+        def read(self, size=-1):
+            if self.tell():
+                raise ConnectionResetError("connection reset")
+            return super().read(size)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: CutOff(b"x" * (1 << 20)))
+    with pytest.raises(DataError, match="connection reset"):
+        load_tasks("cifar100", data_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_prints_a_data_error_without_traceback_and_exits_1(tmp_path, offline, capsys):
+    assert data.main(["--dataset", "cifar100", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and UNREACHABLE in err and "Traceback" not in err
+
+
+def test_the_command_line_summarises_every_task(tmp_path, offline, capsys):
+    _write_folder(tmp_path)
+    assert data.main(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--num-tasks", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 tasks" in out and out.count("train    85  val   15  test   20") == 4
+
+
+# --- glyphs -------------------------------------------------------------------
+
+def _glyph_images_by_class(tasks):
+    """{class id: (its training + validation images in a canonical order, its test images)}"""
+    images = {}
+    for t in tasks:
+        for i, c in enumerate(t.class_ids):
+            seen = torch.cat([t.train.x[t.train.y == i], t.val.x[t.val.y == i]]).flatten(1)
+            images[c] = (seen[seen.sum(1).argsort()], t.test.x[t.test.y == i])
+    return images
+
+
+def test_glyphs_are_balanced_normalised_and_the_same_images_for_every_seed():
+    a, b = load_tasks("glyphs", seed=0), load_tasks("glyphs", seed=1)
+    assert len(a) == 15
+    for tasks in (a, b):
+        assert sorted(c for t in tasks for c in t.class_ids) == list(range(75))
+    for t in a:
+        assert t.input_shape == (1, 20, 20) and t.train.x.dtype == torch.float32
+        assert t.class_names == [f"glyph{c:02d}" for c in t.class_ids]
+        for split, per_class in ((t.train, 238), (t.val, 42), (t.test, 80)):
+            assert torch.bincount(split.y).tolist() == [per_class] * 5
+    x = torch.cat([t.train.x for t in a] + [t.val.x for t in a])   # all training images
+    assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
+    # Generated twice, every class has exactly the same images: the data is
+    # deterministic, and the seed changes only the class order and validation rows.
+    assert [t.class_ids for t in a] != [t.class_ids for t in b]
+    first, second = _glyph_images_by_class(a), _glyph_images_by_class(b)
+    for c in range(75):
+        assert torch.equal(first[c][0], second[c][0]) and torch.equal(first[c][1], second[c][1])
+
+
+# --- npz ------------------------------------------------------------------------
+
+def _npz_arrays(classes=6, per_class=10, test_per_class=3):
+    rng = np.random.RandomState(0)
+    y_train = np.repeat(np.arange(classes), per_class)
+    y_test = np.repeat(np.arange(classes), test_per_class)
+    return dict(x_train=rng.randint(0, 256, (len(y_train), 8, 8, 3)).astype(np.uint8),
+                y_train=y_train,
+                x_test=rng.randint(0, 256, (len(y_test), 8, 8, 3)).astype(np.uint8),
+                y_test=y_test,
+                class_names=np.array([f"thing{c}" for c in range(classes)]))
+
+
+def test_npz_channels_last_and_first_give_the_same_normalised_tasks(tmp_path):
+    arrays = _npz_arrays()
+    np.savez(tmp_path / "last.npz", **arrays)
+    first = dict(arrays, x_train=arrays["x_train"].transpose(0, 3, 1, 2),
+                 x_test=arrays["x_test"].transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "first.npz", **first)
+    a = load_tasks("npz", path=tmp_path / "last.npz", classes_per_task=2, seed=4)
+    b = load_tasks("npz", path=tmp_path / "first.npz", classes_per_task=2, seed=4)
+    assert len(a) == 3 and a[0].input_shape == (3, 8, 8)
+    for ta, tb in zip(a, b):
+        assert ta.class_names == [f"thing{c}" for c in ta.class_ids]
+        assert torch.equal(ta.train.x, tb.train.x) and torch.equal(ta.test.x, tb.test.x)
+        assert set(ta.train.y.tolist()) == {0, 1}
+    # normalised per channel with the statistics of the training images
+    x = torch.cat([t.train.x for t in a] + [t.val.x for t in a])          # all training images
+    assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
+
+
+def test_npz_grayscale_n_h_w_becomes_one_channel(tmp_path):
+    arrays = _npz_arrays()
+    gray = dict(arrays, x_train=arrays["x_train"][..., 0].astype(np.float32),
+                x_test=arrays["x_test"][..., 0].astype(np.float32))
+    np.savez(tmp_path / "gray.npz", **gray)
+    tasks = load_tasks("npz", path=tmp_path / "gray.npz", classes_per_task=3)
+    assert len(tasks) == 2 and tasks[0].input_shape == (1, 8, 8)
+
+
+NPZ_ERRORS = {
+    # name: (change to the arrays, classes_per_task, words the message must contain)
+    "missing key": (lambda a: a.pop("y_test"), 2, "lacks y_test"),
+    "five channels": (lambda a: a.update(x_train=np.zeros((60, 8, 8, 5), np.uint8)), 2, "shape (60, 8, 8, 5)"),
+    "int images": (lambda a: a.update(x_train=a["x_train"].astype(np.int32)), 2, "dtype int32"),
+    "lengths": (lambda a: a.update(y_train=a["y_train"][:-1]), 2, "59 labels but x_train has 60"),
+    "negative": (lambda a: a["y_train"].__setitem__(0, -1), 2, "negative labels"),
+    "fractional": (lambda a: a.update(y_train=a["y_train"] + 0.5), 2, "non-integer"),
+    "2-d labels": (lambda a: a.update(y_test=a["y_test"][:, None]), 2, "must be 1-d"),
+    "indivisible": (lambda a: None, 4, "6 classes do not divide into tasks of 4"),
+    "unseen test class": (lambda a: a["y_test"].__setitem__(0, 9), 2, "never occur in y_train"),
+    "object names": (lambda a: a.update(class_names=np.array(["a", 1], dtype=object)), 2, "dtype=str"),
+    "sizes differ": (lambda a: a.update(x_test=np.zeros((18, 9, 9, 3), np.uint8)), 2, "same size"),
+}
+
+
+@pytest.mark.parametrize("case", list(NPZ_ERRORS))
+def test_npz_problems_are_named_in_the_error(tmp_path, case):
+    change, classes_per_task, words = NPZ_ERRORS[case]
+    arrays = _npz_arrays()
+    change(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_tasks("npz", path=tmp_path / "bad.npz", classes_per_task=classes_per_task)
+
+
+def test_npz_without_a_path_looks_in_the_data_dir_and_says_where(tmp_path):
+    with pytest.raises(DataError, match="tasks.npz"):
+        load_tasks("npz", data_dir=tmp_path)
+    np.savez(tmp_path / "tasks.npz", **_npz_arrays())
+    assert len(load_tasks("npz", data_dir=tmp_path)) == 3
+
+
+def test_an_unknown_dataset_is_a_data_error():
+    with pytest.raises(DataError, match="cifar100, glyphs, imagedata, npz"):
+        load_tasks("mnist")
+    with pytest.raises(DataError, match="load_market"):     # a stream of days, not tasks
+        load_tasks("market")
+
+
+def test_only_an_explicit_opt_in_allows_a_short_last_task():
+    arrays = _npz_arrays(classes=7)
+    x_train, x_test = arrays["x_train"].transpose(0, 3, 1, 2), arrays["x_test"].transpose(0, 3, 1, 2)
+    args = (x_train, arrays["y_train"], x_test, arrays["y_test"], [f"c{i}" for i in range(7)],
+            [0.0] * 3, [1.0] * 3)
+    options = dict(seed=0, num_tasks=None, classes_per_task=3, val_fraction=0.15)
+    with pytest.raises(DataError, match="7 classes do not divide into tasks of 3"):
+        data.make_tasks("npz", *args, **options)
+    tasks = data.make_tasks("imagedata", *args, **options, allow_short_last_task=True)
+    assert [t.num_classes for t in tasks] == [3, 3, 1]
+    assert sorted(c for t in tasks for c in t.class_ids) == list(range(7))
+
+
+# --- Split.batches ----------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300), batch_size=st.integers(1, 64), seed=st.integers(0, 2**31))
+def test_batches_cover_every_row_once_per_epoch_reproducibly(n, batch_size, seed):
+    split = Split(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n))
+    epoch = list(split.batches(batch_size, torch.Generator().manual_seed(seed)))
+    again = list(split.batches(batch_size, torch.Generator().manual_seed(seed)))
+    rows = torch.cat([b.y for b in epoch]) if epoch else torch.zeros(0, dtype=torch.int64)
+    assert sorted(rows.tolist()) == list(range(n))                      # each row exactly once
+    assert all(len(b) == batch_size for b in epoch[:-1]) and all(0 < len(b) <= batch_size for b in epoch)
+    assert all(torch.equal(b.x.view(-1).long(), b.y) for b in epoch)    # x stays with its y
+    assert [b.y.tolist() for b in epoch] == [b.y.tolist() for b in again]
+    in_order = torch.cat([b.y for b in split.batches(batch_size, shuffle=False)]) if n else rows
+    assert in_order.tolist() == list(range(n))
+
+
+# --- Sequences ----------------------------------------------------------------------
+
+def _numbered_sequences(lengths: list[int], max_length: int) -> Sequences:
+    """Row i holds i + 1 in its first lengths[i] steps (3 features), zeros after."""
+    n = len(lengths)
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    valid = torch.arange(max_length)[None, :] < lengths[:, None]                  # (N, L)
+    x = torch.arange(1, n + 1, dtype=torch.float32)[:, None, None] * valid[..., None]
+    return Sequences(x.expand(n, max_length, 3).contiguous(), lengths)          # (N, L, 3)
+
+
+def _rows_are_intact(seqs: Sequences) -> list[int]:
+    """The row ids of seqs, checking that every row's length still fits its x."""
+    ids = []
+    for x, length in zip(seqs.x, seqs.lengths.tolist()):          # x (L, 3)
+        ids.append(int(x[0, 0]) - 1)
+        assert (x[:length] == x[0, 0]).all() and (x[length:] == 0).all()
+    return ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 9), min_size=0, max_size=40),
+       chunk=st.integers(1, 16), seed=st.integers(0, 2**31))
+def test_sequences_indexing_and_split_keep_each_rows_x_and_length_together(lengths, chunk, seed):
+    seqs = _numbered_sequences(lengths, 9)
+    n = len(lengths)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n // 2 + 1]
+    picked = seqs[index]
+    assert isinstance(picked, Sequences) and len(picked) == len(index)
+    assert _rows_are_intact(picked) == index.tolist()
+    assert picked.lengths.tolist() == [lengths[i] for i in index.tolist()]
+    assert _rows_are_intact(seqs[1:4]) == list(range(n))[1:4]
+    pieces = seqs.split(chunk)
+    assert [len(p) for p in pieces] == [len(t) for t in torch.arange(n).split(chunk)]
+    assert [i for p in pieces for i in _rows_are_intact(p)] == list(range(n))   # all rows, in order
+    assert seqs.shape == (n, 9, 3) and seqs.to("cpu").device.type == "cpu" and not seqs.is_cuda
+
+
+def test_batches_of_a_sequence_split_keep_x_lengths_and_labels_together():
+    seqs = _numbered_sequences([3, 1, 4, 1, 5, 9, 2, 6], 9)
+    split = Split(seqs, torch.arange(8))
+    for batch in split.batches(3, torch.Generator().manual_seed(0)):
+        assert _rows_are_intact(batch.x) == batch.y.tolist()
+        assert batch.x.lengths.tolist() == [[3, 1, 4, 1, 5, 9, 2, 6][i] for i in batch.y.tolist()]
+
+
+# ---------------------------------------------------------------------------
+# Tests of the ImageData rebuild (the ImageData section of data.py).
+#
+#
+# No network and no real data: the PNGs and the archive are written here, by an
+# encoder that follows the PNG specification independently of the decoder.
+# ---------------------------------------------------------------------------
+
+def load_imagedata(data_dir, seed, classes_per_task=None):
+    """ImageData through the one entry point every method uses."""
+    return load_tasks("imagedata", data_dir=data_dir, seed=seed,
+                      classes_per_task=classes_per_task)
+
+
+# ---------------------------------------------------------------------------
+# A small PNG encoder (PNG specification, sections 5, 6 and 9)
+# ---------------------------------------------------------------------------
+
+CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}      # colour type -> samples per pixel
+
+
+def paeth(left, up, upleft):
+    p = left + up - upleft
+    pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
+    if pa <= pb and pa <= pc:
+        return left
+    return up if pb <= pc else upleft
+
+
+def filtered(line: bytes, prior: bytes, bpp: int, kind: int) -> bytes:
+    out = bytearray()
+    for i, x in enumerate(line):
+        left = line[i - bpp] if i >= bpp else 0
+        upleft = prior[i - bpp] if i >= bpp else 0
+        predictor = [0, left, prior[i], (left + prior[i]) // 2,
+                     paeth(left, prior[i], upleft)][kind]
+        out.append((x - predictor) % 256)
+    return bytes(out)
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_bytes(samples: np.ndarray, depth: int, colour: int, filters, interlace=0,
+              extra_chunks=()) -> bytes:
+    """samples: (H, W) or (H, W, C) integers, each < 2**depth."""
+    samples = samples.reshape(samples.shape[0], samples.shape[1], -1)
+    height, width, channels = samples.shape
+    if depth == 1:
+        lines = [np.packbits(row[:, 0].astype(np.uint8)).tobytes() for row in samples]
+    else:
+        lines = [row.astype(f">u{depth // 8}").tobytes() for row in samples]
+    bpp = max(1, channels * depth // 8)
+    data, prior = bytearray(), bytes(len(lines[0]))
+    for line, kind in zip(lines, filters):
+        data += bytes([kind]) + filtered(line, prior, bpp, kind)
+        prior = line
+    packed = zlib.compress(bytes(data))
+    half = len(packed) // 2                       # two IDAT chunks: the decoder must join them
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + b"".join(chunk(kind, body) for kind, body in extra_chunks)
+            + chunk(b"IDAT", packed[:half]) + chunk(b"IDAT", packed[half:]) + chunk(b"IEND", b""))
+
+
+FLAVOURS = [(1, 0), (8, 0), (8, 2)]              # (bit depth, colour type) the archive has
+
+
+def random_samples(rng, height, width, depth, colour, top=None):
+    """Random samples below `top` (default 2**depth); a small top makes
+    neighbours equal often, which exercises the Paeth predictor's tie rules."""
+    shape = (height, width) if CHANNELS[colour] == 1 else (height, width, CHANNELS[colour])
+    return rng.integers(0, min(top or 2 ** depth, 2 ** depth), size=shape)
+
+
+def expected_pixels(samples, depth):
+    return (samples * 255 if depth == 1 else samples).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# PNG decoding
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth, colour", FLAVOURS)
+def test_png_decoder_undoes_all_five_filter_types(depth, colour):
+    samples = random_samples(np.random.default_rng(0), 10, 13, depth, colour)
+    filters = [0, 1, 2, 3, 4, 4, 3, 2, 1, 0]
+    data = png_bytes(samples, depth, colour, filters,
+                     extra_chunks=[(b"gAMA", struct.pack(">I", 45455))])
+    assert np.array_equal(decode_png(data, "t.png"), expected_pixels(samples, depth))
+
+
+@settings(max_examples=60, deadline=None)
+@given(flavour=st.sampled_from(FLAVOURS), height=st.integers(1, 9), width=st.integers(1, 19),
+       top=st.sampled_from([2, 4, 256]), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_png_decoder_returns_the_pixels_written(flavour, height, width, top, seed, data):
+    depth, colour = flavour
+    samples = random_samples(np.random.default_rng(seed), height, width, depth, colour, top)
+    filters = data.draw(st.lists(st.integers(0, 4), min_size=height, max_size=height))
+    decoded = decode_png(png_bytes(samples, depth, colour, filters), "t.png")
+    assert decoded.dtype == np.uint8
+    assert np.array_equal(decoded, expected_pixels(samples, depth))
+
+
+@pytest.mark.parametrize("depth, colour, interlace, words", [
+    (8, 0, 1, "interlaced"),
+    (1, 0, 1, "interlaced"),
+    (8, 3, 0, "palette"),
+    (16, 0, 0, "16-bit"),
+    (8, 6, 0, "alpha"),
+    (8, 4, 0, "alpha"),
+    (16, 2, 0, "16-bit"),
+])
+def test_png_decoder_refuses_other_flavours(depth, colour, interlace, words):
+    samples = random_samples(np.random.default_rng(1), 4, 4, 8, colour)
+    extra = [(b"PLTE", bytes(range(256)) * 3)] if colour == 3 else []
+    data = png_bytes(samples, depth, colour, [0] * 4, interlace, extra)
+    with pytest.raises(DataError, match=words) as error:
+        decode_png(data, "odd.png")
+    assert "odd.png" in str(error.value)
+
+
+def test_png_decoder_refuses_a_damaged_file():
+    data = bytearray(png_bytes(np.zeros((3, 3), np.uint8), 8, 0, [0, 0, 0]))
+    idat = data.index(b"IDAT")
+    data[idat + 5] ^= 0x01                       # one bit of the compressed pixels
+    with pytest.raises(DataError, match="CRC"):
+        decode_png(bytes(data), "bad.png")
+    with pytest.raises(DataError, match="not a PNG"):
+        decode_png(b"GIF89a" + bytes(20), "bad.png")
+
+
+# ---------------------------------------------------------------------------
+# Grayscale, resize, shear
+# ---------------------------------------------------------------------------
+
+def test_rgb_to_gray_matches_pil_convert_L():
+    # Values PIL's Image.new("RGB", (1, 1), colour).convert("L") returns.
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [0, 0, 0]]], np.uint8)
+    assert gray8_from_rgb(rgb).tolist() == [[76, 150, 29, 255, 0]]
+
+
+@pytest.mark.parametrize("height, width", [(105, 105), (63, 63), (63, 78), (7, 5)])
+def test_resize_keeps_a_flat_image_flat(height, width):
+    for value in (0, 1, 128, 254, 255):
+        flat = np.full((height, width), value, np.uint8)
+        assert np.all(resize_gray8(flat, 20) == value)
+
+
+def test_resize_to_the_same_size_is_the_identity():
+    image = np.random.default_rng(2).integers(0, 256, (20, 20)).astype(np.uint8)
+    assert np.array_equal(resize_gray8(image, 20), image)
+
+
+def test_shrinking_averages_instead_of_sampling():
+    # A one-pixel checkerboard shrunk 105 -> 20 is a flat mid-grey when the
+    # filter covers each output pixel's footprint (nearest neighbour would keep
+    # 0s and 255s).
+    board = ((np.indices((105, 105)).sum(0) % 2) * 255).astype(np.uint8)
+    assert np.abs(resize_gray8(board, 20).astype(int) - 127).max() <= 4
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_the_zero_shear_is_the_identity(n, seed):
+    images = np.random.default_rng(seed).integers(0, 256, (2, n, n)).astype(np.uint8)
+    assert np.array_equal(shear_images(images, np.array([[0.0, 0.0]]))[:, 0], images)
+
+
+@pytest.mark.parametrize("a, b, source, target", [
+    # Computed by hand on a 20x20 image, centre 9.5; (row, column).
+    # a = 0.5: output column x takes input column x + 0.5*y. Row 15 has
+    # y = 5.5, so x + 2.75 -> rounds to x + 3: the pixel moves 3 columns left.
+    (0.5, 0.0, (15, 10), (15, 7)),
+    # Row 2 has y = -7.5: x - 3.75 -> x - 4, the pixel moves 4 columns right.
+    (0.5, 0.0, (2, 10), (2, 14)),
+    # b = -0.3: output row y takes input row y - 0.3*x. Column 2 has x = -7.5,
+    # so y + 2.25 -> y + 2: the pixel moves 2 rows up.
+    (0.0, -0.3, (6, 2), (4, 2)),
+    # a = 1: at row 12 (y = 2.5) the input column is x + 2.5, an exact half
+    # that rounds up: output column 7 (x = -2.5) reads x = 0 -> column 10.
+    (1.0, 0.0, (12, 10), (12, 7)),
+    # a = 0.2 at row 12: x + 0.5, again an exact half, rounded up although 0.2
+    # is not exact in binary: output column 9 reads column 10.
+    (0.2, 0.0, (12, 10), (12, 9)),
+])
+def test_a_shear_moves_a_pixel_where_the_formula_says(a, b, source, target):
+    image = np.zeros((1, 20, 20), np.uint8)
+    image[0][source] = 200
+    sheared = shear_images(image, np.array([[a, b]]))[0, 0]
+    assert sheared[target] == 200 and sheared.sum() == 200
+
+
+def test_a_shear_fills_what_comes_from_outside_with_zero():
+    image = np.full((1, 20, 20), 7, np.uint8)
+    sheared = shear_images(image, np.array([[1.0, 0.0]]))[0, 0]
+    # Row 0 (y = -9.5): output column 19 reads column 10, column 9 would read -0.5 -> 0.
+    assert sheared[0].tolist() == [0] * 9 + [7] * 11
+    assert sheared[19].tolist() == [7] * 10 + [0] * 10     # row 19 (y = 9.5): +9.5
+
+
+# ---------------------------------------------------------------------------
+# The recipe, on a tiny archive shaped like the real one
+# ---------------------------------------------------------------------------
+
+# file stem -> (bit depth, colour type, size): kept classes first, then dropped ones.
+TINY_KEPT = {"0b": (1, 0, (9, 7)), "90b": (8, 2, (6, 8)), "180delta": (8, 0, (10, 10)),
+             "270delta": (1, 0, (8, 8)), "0circle": (8, 2, (5, 5))}
+TINY_DROPPED = {"0delta": (1, 0, (8, 8)), "90delta": (8, 0, (8, 8)),
+                "90circle": (8, 2, (5, 5)), "270z": (1, 0, (6, 6))}
+TINY_NAMES = {"0 b", "90 b", "180 delta", "270 delta", "0 circle"}
+
+
+def make_tiny_archive(path):
+    rng = np.random.default_rng(3)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("images_rotate/", b"")
+        for stem, (depth, colour, (h, w)) in {**TINY_KEPT, **TINY_DROPPED}.items():
+            samples = random_samples(rng, h, w, depth, colour)
+            zf.writestr(f"images_rotate/{stem}.png", png_bytes(samples, depth, colour, [4] * h))
+            # macOS resource forks: named like PNGs, but not PNGs
+            zf.writestr(f"__MACOSX/images_rotate/._{stem}.png", b"\0\5\26\7 not a png")
+        zf.writestr("images_rotate/white.txt", b"not an image")
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A data folder holding the tiny archive, accepted as the real one."""
+    (tmp_path / "data").mkdir()
+    archive = make_tiny_archive(tmp_path / "data" / "images_rotate.zip")
+    monkeypatch.setattr(data, "IMAGEDATA_SHA256",
+                        hashlib.sha256(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(data, "IMAGEDATA_URL", (tmp_path / "nowhere.zip").as_uri())
+    return archive.parent
+
+
+def test_glyphs_are_kept_by_name_and_inverted(tmp_path):
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        white, black = np.ones((6, 6)), np.zeros((6, 6, 3))
+        zf.writestr("images_rotate/0b.png", png_bytes(white, 1, 0, [0] * 6))
+        zf.writestr("images_rotate/90b.png", png_bytes(black, 8, 2, [0] * 6))
+        zf.writestr("images_rotate/90circle.png", b"dropped by name, never decoded")
+    glyphs, names = read_imagedata_glyphs(path)
+    assert names == ["0 b", "90 b"]
+    assert glyphs.shape == (2, 20, 20) and glyphs.dtype == np.uint8
+    assert np.all(glyphs[0] == 0) and np.all(glyphs[1] == 255)
+
+
+def test_imagedata_tasks_follow_the_recipe(tiny):
+    (task,) = load_imagedata(tiny, seed=0)     # 5 classes, 5 per task
+    # Dropped classes are gone, "180 delta" and "270 delta" stay (missing comma).
+    assert set(task.class_names) == TINY_NAMES
+    n = 5 * 441                                               # 2205 images
+    assert len(task.test) == math.ceil(n / 4) == 552          # 75/25, test rounded up
+    assert len(task.train) + len(task.val) == n - 552 == 1653
+    for label in range(5):
+        in_train, in_val = int((task.train.y == label).sum()), int((task.val.y == label).sum())
+        assert in_train + in_val + int((task.test.y == label).sum()) == 441
+        assert in_val == math.floor(0.15 * (in_train + in_val) + 0.5)
+    for split in (task.train, task.val, task.test):
+        assert split.x.shape[1:] == (1, 20, 20) and split.x.dtype == torch.float32
+        assert set(split.y.tolist()) <= set(range(5))
+    train = torch.cat([task.train.x, task.val.x]).double()
+    assert abs(train.mean()) < 1e-5 and abs(train.std() - 1) < 1e-3
+
+
+def test_the_last_task_holds_the_remaining_classes(tiny):
+    tasks = load_imagedata(tiny, seed=0, classes_per_task=2)
+    assert [t.num_classes for t in tasks] == [2, 2, 1]        # no phantom class
+    assert {name for t in tasks for name in t.class_names} == TINY_NAMES
+
+
+def test_the_seed_draws_class_order_and_validation_but_not_the_test_images(tiny):
+    runs = [load_imagedata(tiny, seed=seed, classes_per_task=1)
+            for seed in (0, 1, 0)]
+    assert all(np.array_equal(a.val.x.numpy(), b.val.x.numpy()) and a.class_names == b.class_names
+               for a, b in zip(runs[0], runs[2]))                  # same seed, same tasks
+    orders = [[t.class_names[0] for t in tasks] for tasks in runs[:2]]
+    assert orders[0] != orders[1]
+    for name in TINY_NAMES:
+        task = [next(t for t in tasks if t.class_names == [name]) for tasks in runs[:2]]
+        assert np.array_equal(task[0].test.x.numpy(), task[1].test.x.numpy())
+        assert not np.array_equal(task[0].val.x.numpy(), task[1].val.x.numpy())
+
+
+def test_a_wrong_archive_is_refused_and_nothing_is_cached(tiny, monkeypatch):
+    monkeypatch.setattr(data, "IMAGEDATA_SHA256", "0" * 64)
+    with pytest.raises(DataError, match="0" * 64) as error:
+        load_imagedata(tiny, seed=0)
+    message = str(error.value)
+    assert "images_rotate.zip" in message and data.IMAGEDATA_URL in message
+    assert sorted(p.name for p in tiny.iterdir()) == ["images_rotate.zip"]
+
+
+def test_offline_without_the_archive_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "IMAGEDATA_URL", "http://127.0.0.1:9/images_rotate.zip")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with pytest.raises(DataError) as error:
+        load_imagedata(data_dir, seed=0)
+    message = str(error.value)
+    for words in ("http://127.0.0.1:9/images_rotate.zip", "images_rotate.zip",
+                  str(data_dir), data.IMAGEDATA_SHA256):
+        assert words in message
+    assert list(data_dir.iterdir()) == []
+
+
+def test_the_archive_is_downloaded_verified_and_kept(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "IMAGEDATA_URL", (tiny / "images_rotate.zip").as_uri())
+    fresh = tmp_path / "fresh"
+    assert len(load_imagedata(fresh, seed=0)) == 1
+    assert (fresh / "images_rotate.zip").read_bytes() == (tiny / "images_rotate.zip").read_bytes()
+    monkeypatch.setattr(data, "IMAGEDATA_SHA256", "f" * 64)
+    other = tmp_path / "other"
+    with pytest.raises(DataError, match="sha256"):
+        load_imagedata(other, seed=0)
+    assert list(other.iterdir()) == []                        # no partial or wrong file left
+
+
+def test_the_second_load_reads_the_cache(tiny, monkeypatch):
+    first = load_imagedata(tiny, seed=4, classes_per_task=1)
+
+    def no_rebuild(archive):
+        raise AssertionError("rebuilt although the cache was there")
+
+    monkeypatch.setattr(data, "build_imagedata_arrays", no_rebuild)
+    second = load_imagedata(tiny, seed=4, classes_per_task=1)
+    for a, b in zip(first, second):
+        assert a.class_names == b.class_names
+        for split in ("train", "val", "test"):
+            assert np.array_equal(getattr(a, split).x.numpy(), getattr(b, split).x.numpy())
+            assert np.array_equal(getattr(a, split).y.numpy(), getattr(b, split).y.numpy())
+
+
+def test_a_changed_recipe_builds_a_new_cache(tiny, monkeypatch):
+    load_imagedata(tiny, seed=0)
+    builds = []
+    build = data.build_imagedata_arrays
+    monkeypatch.setattr(data, "build_imagedata_arrays",
+                        lambda archive: builds.append(archive) or build(archive))
+    monkeypatch.setattr(data, "IMAGEDATA_SPLIT_SEED", 1)
+    load_imagedata(tiny, seed=0)
+    assert len(builds) == 1
+    assert len(list(tiny.glob("imagedata_*.npz"))) == 2
+
+
+def test_the_command_line_names_the_glyphs_of_every_task(tiny, capsys):
+    assert data.main(["--dataset", "imagedata", "--data-dir", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "imagedata: 1 tasks, input (1, 20, 20)" in out
+    assert all(name in out for name in TINY_NAMES)
+
+
+# ---------------------------------------------------------------------------
+# Properties of the MarketCL data pipeline (the MarketCL section of data.py).
+#
+#
+# No real data is read: every file is written here or by write_synthetic_market.
+# ---------------------------------------------------------------------------
+
+HEADER = "datetime,symbol,open,high,low,close,volume"
+SHORT_SESSION = ("09:15", "09:24")       # 10 minutes keep the hand-made files small
+
+
+def bar_line(date: str, minute: int, close: float, symbol="NSE:ABC", volume=100.0) -> str:
+    """One CSV row at `minute` minutes after midnight; open = close, high/low 0.1% around it."""
+    return (f"{date} {minute // 60:02d}:{minute % 60:02d}:00,{symbol},"
+            f"{close:.4f},{close * 1.001:.4f},{close * 0.999:.4f},{close:.4f},{volume}")
+
+
+def session_day(date: str, start=555, length=10, seed=0, skip=()) -> list[str]:
+    """A random walk over the session minutes of one day, leaving out the minutes in `skip`."""
+    closes = 100 * np.exp(np.cumsum(np.random.default_rng(seed).normal(0, 0.003, length)))
+    return [bar_line(date, start + m, c) for m, c in enumerate(closes) if m not in skip]
+
+
+def same_samples(a, b) -> bool:
+    """Two market Splits hold the same sequences, lengths and labels."""
+    return (torch.equal(a.x.x, b.x.x) and torch.equal(a.x.lengths, b.x.lengths)
+            and torch.equal(a.y, b.y))
+
+
+def random_days(rng: np.random.Generator, days: int, length: int) -> np.ndarray:
+    """(days, length, 5) positive bars with consistent high/low and some zero volumes."""
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, (days, length)), axis=1))
+    open_ = close * np.exp(rng.normal(0, 0.001, (days, length)))
+    high = np.maximum(open_, close) * (1 + rng.uniform(0, 0.002, (days, length)))
+    low = np.minimum(open_, close) * (1 - rng.uniform(0, 0.002, (days, length)))
+    volume = rng.integers(0, 3, (days, length)) * rng.uniform(0, 1e4, (days, length))
+    return np.stack([open_, high, low, close, volume], axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# The label rule
+# ---------------------------------------------------------------------------
+
+def test_threshold_ties_in_these_examples_are_exact():
+    assert 100 * (1 + 0.02) == 102.0 and 100 * (1 - 0.01) == 99.0
+
+
+@pytest.mark.parametrize("closes, expected", [
+    ([100, 100.5, 103, 95], 3),        # target first
+    ([100, 99.5, 98.9, 103], 0),       # stop first
+    ([100, 101.5, 99.5, 100.2], 2),    # neither; last close above the entry
+    ([100, 101.5, 99.5, 99.8], 1),     # neither; last close below the entry
+    ([100, 101.5, 99.5, 100], 1),      # neither; last close equal to the entry is not above
+    ([100, 99.5, 102, 95], 3),         # a close equal to the target reaches it
+    ([100, 99, 99, 100.5], 2),         # a close equal to the stop does not fall below it
+    ([100, 99, 98.99, 103], 0),        # ... the next close below it does
+    ([100, 101.99, 98.99, 103], 0),    # just under the target does not count
+    ([100], 1),                        # the last minute has no later close
+])
+def test_label_rule_on_hand_made_paths(closes, expected):
+    labels = market_labels(np.array(closes, dtype=np.float64), [(0.02, 0.01)])
+    assert labels[0, 0] == expected
+
+
+def test_the_last_minute_is_labelled_1_by_every_head():
+    closes = 100 * np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.01, 50)))
+    assert (market_labels(closes)[-1] == 1).all()
+
+
+def label_by_loop(closes: list[float], target: float, stop: float, i: int) -> int:
+    """The rule as written in the report, one entry at a time."""
+    entry = closes[i]
+    for later in closes[i + 1:]:
+        if later >= entry * (1 + target):
+            return 3
+        if later < entry * (1 - stop):
+            return 0
+    return 2 if closes[-1] > entry else 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.integers(-8, 8), min_size=1, max_size=40))
+def test_vectorised_labels_equal_a_plain_loop(steps):
+    # Prices on a 0.25 grid around 100 so that the thresholds of entry 100 are hit exactly.
+    closes = [100 + 0.25 * s for s in np.cumsum(steps)]
+    labels = market_labels(np.array(closes), MARKET_LABEL_PAIRS)
+    expected = [[label_by_loop(closes, t, s, i) for t, s in MARKET_LABEL_PAIRS]
+                for i in range(len(closes))]
+    assert labels.tolist() == expected
+
+
+# ---------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), minute=st.integers(0, 374))
+def test_changing_bars_after_minute_m_changes_no_feature_up_to_m(seed, minute):
+    rng = np.random.default_rng(seed)
+    bars = random_days(rng, 2, 375)                   # day 0 as today, day 1 as other future bars
+    previous = np.array([[100.0, 101.0, 99.0, 100.5]])
+    changed = bars[:1].copy()
+    changed[0, minute + 1:] = bars[1, minute + 1:]
+    before = market_features(bars[:1], previous)
+    after = market_features(changed, previous)
+    np.testing.assert_array_equal(after[0, :minute + 1], before[0, :minute + 1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(prices=st.lists(st.sampled_from([1.0, 1.01, 50.0, 1e4]), min_size=1, max_size=80),
+       volumes=st.lists(st.sampled_from([0.0, 1.0, 1e7]), min_size=80, max_size=80))
+def test_features_are_finite_on_flat_prices_and_zero_volume(prices, volumes):
+    close = np.array(prices)
+    bars = np.stack([close, close, close, close, np.array(volumes[:len(prices)])], axis=-1)[None]
+    features = market_features(bars, np.array([[1.0, 1.0, 1.0, 1.0]]))
+    assert features.shape == (1, len(prices), len(MARKET_FEATURE_NAMES))
+    assert np.isfinite(features).all()
+
+
+# ---------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------
+
+GOOD_ROWS = [HEADER,
+             "2021-08-02 09:15:00,NSE:ABC,100,101,99,100.5,10",
+             "2021-08-02 09:16:00,NSE:ABC,100.5,101,99,100,10",
+             "2021-08-02 09:17:00,NSE:ABC,100,101,99,100.5,10"]
+
+
+@pytest.mark.parametrize("line, row, message", [
+    (1, "datetime,symbol,open,high,low,close", "missing column(s) volume"),
+    (3, "2021-08-02 9h16,NSE:ABC,100.5,101,99,100,10", "cannot parse the time"),
+    (3, "2021-08-02,NSE:ABC,100.5,101,99,100,10", "cannot parse the time"),
+    (3, "2021-08-02 09:16:30,NSE:ABC,100.5,101,99,100,10", "not on a whole minute"),
+    (3, "2021-08-02 09:14:00,NSE:ABC,100.5,101,99,100,10", "time goes backwards"),
+    (3, "2021-08-02 09:15:00,NSE:ABC,100.5,101,99,100,10", "duplicate minute"),
+    (3, "2021-08-02 09:16:00,NSE:ABC,100.5,101,99,0,10", "non-positive price: close"),
+    (3, "2021-08-02 09:16:00,NSE:ABC,-1,101,99,100,10", "non-positive price: open"),
+    (3, "2021-08-02 09:16:00,NSE:ABC,100.5,nan,99,100,10", "the high is NaN"),
+    (3, "2021-08-02 09:16:00,NSE:ABC,100.5,101,abc,100,10", "cannot parse the low"),
+    (3, "2021-08-02 09:16:00,NSE:ABC,100.5,101,99,100,-5", "negative volume"),
+    (3, "2021-08-02 09:16:00,NSE:ABC,100.5,101,99,100", "6 fields, the header has 7"),
+])
+def test_bad_input_names_file_line_and_problem(tmp_path, line, row, message):
+    rows = list(GOOD_ROWS)
+    rows[line - 1] = row
+    path = tmp_path / "ABC.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as error:
+        read_market_csv(path)
+    assert f"ABC.csv, line {line}: " in str(error.value)
+    assert message in str(error.value)
+
+
+def test_good_rows_read_back(tmp_path):
+    path = tmp_path / "ABC.csv"
+    path.write_text("\n".join(GOOD_ROWS) + "\n")
+    times, ohlcv = read_market_csv(path)["NSE:ABC"]
+    assert times.tolist() == list(np.array(["2021-08-02T09:15", "2021-08-02T09:16",
+                                            "2021-08-02T09:17"], dtype="datetime64[m]").tolist())
+    assert ohlcv[:, 3].tolist() == [100.5, 100, 100.5]
+
+
+def test_incomplete_days_are_skipped_and_out_of_session_rows_dropped(tmp_path):
+    outside = [bar_line("2021-08-04", 9 * 60 + 7, 5000.0),         # pre-open, wild price
+               bar_line("2021-08-04", 15 * 60 + 30, 1.0)]          # after hours
+    in_session = (session_day("2021-08-02", seed=1)
+                  + session_day("2021-08-03", seed=2, skip={5})     # incomplete: 09:20 missing
+                  + session_day("2021-08-04", seed=3)
+                  + session_day("2021-08-05", seed=4))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "ABC.csv").write_text("\n".join([HEADER] + in_session) + "\n")
+    (tmp_path / "extra").mkdir()
+    only_preopen = [bar_line("2021-08-06", 9 * 60 + 8, 100.0)]      # a day with no session row
+    (tmp_path / "extra" / "ABC.csv").write_text(
+        "\n".join([HEADER] + in_session[:19] + outside[:1] + in_session[19:29] + outside[1:]
+                  + in_session[29:] + only_preopen) + "\n")
+
+    plain = load_market(tmp_path / "plain", seed=0, samples_per_day=2, session=SHORT_SESSION)
+    extra = load_market(tmp_path / "extra", seed=0, samples_per_day=2, session=SHORT_SESSION)
+    assert [str(d) for d in extra.skipped["NSE:ABC"]] == ["2021-08-03", "2021-08-06"]
+    assert str(extra.history["NSE:ABC"]) == "2021-08-02"      # first complete day: history only
+    assert [str(d) for d in extra.days] == ["2021-08-04", "2021-08-05"]
+    assert "NSE:ABC                2" in extra.summary()            # skipped count in the summary
+    for d in range(2):
+        assert same_samples(extra.splits[d][0], plain.splits[d][0])
+
+
+def test_session_days_keep_whole_sessions_in_minute_order(tmp_path):
+    path = tmp_path / "ABC.csv"
+    rows = [HEADER] + session_day("2021-08-02") + session_day("2021-08-03")
+    path.write_text("\n".join(rows) + "\n")
+    dates, bars, skipped = market_session_days(*read_market_csv(path)["NSE:ABC"], SHORT_SESSION)
+    assert bars.shape == (2, 10, 5) and len(skipped) == 0
+    expected = np.array([line.split(",")[5] for line in session_day("2021-08-03")], dtype=float)
+    np.testing.assert_array_equal(bars[1, :, 3], expected)
+
+
+# ---------------------------------------------------------------------------
+# market-synthetic and the stream
+# ---------------------------------------------------------------------------
+
+def test_synthetic_market_is_deterministic_per_seed(tmp_path):
+    first = write_synthetic_market(tmp_path / "a", seed=3, num_symbols=2, num_days=3)
+    again = write_synthetic_market(tmp_path / "b", seed=3, num_symbols=2, num_days=3)
+    other = write_synthetic_market(tmp_path / "c", seed=4, num_symbols=2, num_days=3)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_class_of_any_head_holds_more_than_70_percent_on_synthetic_data(tmp_path, seed):
+    write_synthetic_market(tmp_path, seed=seed)
+    stream = load_market(tmp_path, seed=seed)
+    balance = stream.class_balance()                   # (heads, classes)
+    assert balance.shape == (4, 4)
+    np.testing.assert_allclose(balance.sum(1), 1.0)
+    assert balance.max() <= 0.7, stream.summary()
+
+
+def test_samples_are_prefixes_of_the_day_padded_with_zeros_and_labelled_at_their_minute(tmp_path):
+    paths = write_synthetic_market(tmp_path, seed=5, num_symbols=2, num_days=3)
+    stream = load_market(tmp_path, seed=5, samples_per_day=16)
+    assert len(stream.days) == 2 and stream.symbols == ["SYN:S00", "SYN:S01"]
+    for s, path in enumerate(paths):
+        dates, bars, _ = market_session_days(*read_market_csv(path)[stream.symbols[s]])
+        previous = np.stack([bars[:-1, 0, 0], bars[:-1, :, 1].max(1),
+                             bars[:-1, :, 2].min(1), bars[:-1, -1, 3]], axis=1)    # (D-1, 4)
+        features = market_features(bars[1:], previous)
+        for d in range(2):
+            split = stream.splits[d][s]
+            expected_x = (features[d] - stream.feature_mean) / stream.feature_std
+            expected_x = expected_x.astype(np.float32)
+            labels = market_labels(bars[d + 1, :, 3])
+            x, minutes = split.x.x, split.x.lengths.numpy() - 1     # (16, L, F), (16,)
+            assert split.x.shape == (16, 375, len(MARKET_FEATURE_NAMES))
+            sixteenths = [(k * 375 // 16, (k + 1) * 375 // 16) for k in range(16)]
+            assert all(lo <= m < hi for m, (lo, hi) in zip(minutes, sixteenths))
+            for k, m in enumerate(minutes):
+                np.testing.assert_array_equal(x[k, :m + 1].numpy(), expected_x[:m + 1])
+                assert (x[k, m + 1:] == 0).all()
+                assert split.y[k].tolist() == labels[m].tolist()
+
+
+def test_later_days_change_neither_earlier_samples_nor_the_standardisation(tmp_path):
+    paths = write_synthetic_market(tmp_path / "a", seed=6, num_symbols=2, num_days=4)
+    before = load_market(tmp_path / "a", seed=6)
+    last_day = str(before.days[-1])
+    for path in paths:                                  # move every price of the last day by 10%
+        rows = path.read_text().splitlines()
+        rows = [row if not row.startswith(last_day) else
+                ",".join(row.split(",")[:2] + [f"{float(v) * 1.1:.2f}" for v in row.split(",")[2:6]]
+                         + row.split(",")[6:]) for row in rows]
+        path.write_text("\n".join(rows) + "\n")
+    after = load_market(tmp_path / "a", seed=6)
+    np.testing.assert_array_equal(after.feature_mean, before.feature_mean)
+    for d in range(len(before.days) - 1):
+        for s in range(2):
+            assert same_samples(after.splits[d][s], before.splits[d][s])
+    assert not torch.equal(after.splits[-1][0].x.x, before.splits[-1][0].x.x)
+
+
+def test_one_file_for_all_symbols_gives_the_same_stream(tmp_path):
+    paths = write_synthetic_market(tmp_path / "many", seed=7, num_symbols=2, num_days=3)
+    rows = [HEADER] + [row for p in paths for row in p.read_text().splitlines()[1:]]
+    (tmp_path / "all.csv").write_text("\n".join(rows) + "\n")
+    many = load_market(tmp_path / "many", seed=7)
+    one = load_market(tmp_path / "all.csv", seed=7)
+    assert one.symbols == many.symbols
+    for row_one, row_many in zip(one.splits, many.splits):
+        for a, b in zip(row_one, row_many):
+            assert same_samples(a, b)
+
+
+def test_symbols_are_chosen_and_ordered_with_or_without_the_exchange_prefix(tmp_path):
+    write_synthetic_market(tmp_path, seed=8, num_symbols=3, num_days=2)
+    stream = load_market(tmp_path, seed=8, symbols=["S02", "SYN:S00"])
+    assert stream.symbols == ["SYN:S02", "SYN:S00"]
+    with pytest.raises(DataError, match="not found"):
+        load_market(tmp_path, seed=8, symbols=["S09"])
+
+
+@given(length=st.integers(1, 400), samples=st.integers(1, 400), seed=st.integers(0, 1000))
+def test_sample_minutes_fall_one_in_each_equal_part_of_the_day(length, samples, seed):
+    samples = min(samples, length)
+    minutes = market_sample_minutes(np.random.default_rng(seed), length, samples)
+    parts = [(k * length // samples, (k + 1) * length // samples) for k in range(samples)]
+    assert len(minutes) == samples
+    assert all(lo <= m < hi for m, (lo, hi) in zip(minutes, parts))
+
+
+def test_flat_prices_without_trades_give_neutral_indicators():
+    # The price steps from 100 to 101.3 at minute 100 and then stays flat with no trades:
+    # from minute 200 on, every window of 60 minutes or less sees a flat price.
+    close = np.where(np.arange(375) < 100, 100.0, 101.3)
+    bars = np.stack([close, close, close, close, np.zeros(375)], axis=-1)[None]    # (1, L, 5)
+    features = market_features(bars, bars[:, 0, :4])[0, 200:]                      # (175, F)
+    neutral = {"log_return_1": 0, "log_return_15": 0, "volume_ratio_60": 1, "sma_ratio_60": 0,
+               "rsi_14": 0.5, "bollinger_position": 0.5, "bollinger_width": 0, "from_day_high": 0}
+    for name, value in neutral.items():
+        np.testing.assert_allclose(features[:, MARKET_FEATURE_NAMES.index(name)], value,
+                                   atol=1e-12, err_msg=name)
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+def test_market_synthetic_on_the_command_line_writes_per_seed_and_summarises(tmp_path, capsys):
+    assert data.main(["--dataset", "market-synthetic", "--data-dir", str(tmp_path),
+                      "--seed", "3", "--samples-per-day", "4"]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "market-synthetic-seed3"
+    assert sorted(p.name for p in folder.iterdir()) == [f"SYN{i:02d}.csv" for i in range(6)]
+    assert "market: 6 symbols, 11 days with samples" in out
+    assert "total" in out and out.count("target ") == 4 and "loaded in" in out
+    stream = load_market(folder, seed=3, samples_per_day=4)          # the same loader
+    assert f"{sum(len(s) for row in stream.splits for s in row if s):>9}" in out
+
+
+def test_market_on_the_command_line_reports_a_data_error_without_traceback(tmp_path, capsys):
+    (tmp_path / "bad.csv").write_text("datetime,symbol,open\n")
+    assert data.main(["--dataset", "market", "--source", str(tmp_path / "bad.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.csv, line 1: missing column(s)" in err
+    assert "Traceback" not in err
