@@ -1169,9 +1169,13 @@ def load_market_stream(cfg: Config, seed: int, device) -> MarketStream:
     symbols, days = cfg.num_tasks or len(stream.symbols), cfg.num_days or len(stream.days)
     stream = dataclasses.replace(stream, symbols=stream.symbols[:symbols], days=stream.days[:days],
                                  splits=[row[:symbols] for row in stream.splits[:days]])
-    if len(stream.days) < 2:
-        raise DataError(f"{source}: MarketCL trains on one day and tests on the next, but the "
-                        f"stream has {len(stream.days)} day(s) with samples")
+    testable = [a is not None and b is not None          # a symbol-day with samples the next day
+                for today, tomorrow in zip(stream.splits, stream.splits[1:])
+                for a, b in zip(today, tomorrow)]
+    if not any(testable):
+        raise DataError(f"{source}: MarketCL trains a symbol on one day and tests it on the next, "
+                        f"but no symbol has samples on two consecutive days of the "
+                        f"{len(stream.days)} kept")
     return stream
 
 
@@ -1343,7 +1347,7 @@ def run_market_experiment(cfg: Config, method: str, train_task, model_kwargs,
     with flush_denormals():
         for seed in range(cfg.seed, cfg.seed + cfg.runs):
             old = previous.get(seed)
-            if old and old["days_done"] == old["training_days"]:
+            if old and old.get("days_done") == old.get("training_days", -1):
                 log(f"[{method} seed {seed}] already finished, skipped")
                 results["runs"].append(old)
                 continue
