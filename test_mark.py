@@ -2062,3 +2062,130 @@ def test_market_on_the_command_line_reports_a_data_error_without_traceback(tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.csv, line 1: missing column(s)" in err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# baselines.py: each method's defining property, on a tiny stream
+# ---------------------------------------------------------------------------
+
+import baselines  # noqa: E402  (kept with its tests)
+
+
+def train_method(method, T=3, **cfg_over):
+    """Train `method` on a tiny stream; return the model, the tasks and R."""
+    torch.manual_seed(0)
+    _, train_task, model_kwargs = baselines.METHODS[method]
+    cfg, tasks = tiny_cfg(**cfg_over), tiny_tasks(T=T)
+    model = mm.build_model(cfg, tasks[0].input_shape, [3] * T, CPU, **model_kwargs)
+    gen = torch.Generator().manual_seed(0)
+    R = np.full((T, T), np.nan)
+    kb_states = []
+    for t in range(T):
+        train_task(model, t, tasks[t], cfg, gen, mm.StepTimer(CPU, lambda *_: None))
+        kb_states.append(snapshot(model.kbs[0]))
+        for u in range(t + 1):
+            R[t, u] = mm.evaluate(model, u, tasks[u].test)
+    return model, tasks, R, kb_states
+
+
+def kb_changed(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_baseline1_retrains_the_kb_on_every_task_and_has_no_masks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mm.MaskGenerator, "forward", lambda *a: calls.append(1))
+    model, _, _, kbs = train_method("b1")
+    assert not calls and not model.use_masks and not hasattr(model, "mask_generators")
+    assert all(kb_changed(kbs[t - 1], kbs[t]) for t in (1, 2))
+
+
+def test_baseline2_runs_the_meta_update_and_trains_every_head(monkeypatch):
+    meta_calls = []
+    original = mm.step4_meta_update
+    monkeypatch.setattr(mm, "step4_meta_update",
+                        lambda *a, **k: (meta_calls.append(a[1]), original(*a, **k)))
+    torch.manual_seed(0)
+    fresh = mm.build_model(tiny_cfg(), (1, 20, 20), [3, 3, 3], CPU, masks=False)
+    model, _, _, _ = train_method("b2")
+    assert meta_calls == [0, 1, 2]
+    for t in range(3):                    # same init (same seed), so a trained head differs
+        assert not torch.equal(model.heads[t].weight, fresh.heads[t].weight)
+
+
+def test_baseline3_trains_masks_and_the_kb_on_every_task():
+    model, _, _, kbs = train_method("b3")
+    assert model.use_masks
+    assert all(kb_changed(kbs[t - 1], kbs[t]) for t in (1, 2))
+    torch.manual_seed(0)
+    fresh = mm.build_model(tiny_cfg(), (1, 20, 20), [3, 3, 3], CPU)
+    for t in range(3):
+        assert not torch.equal(model.mask_generators[t].layers[0].weight,
+                               fresh.mask_generators[t].layers[0].weight)
+
+
+def test_baseline4_has_t_times_the_parameters_and_bwt_exactly_zero():
+    model, _, R, _ = train_method("b4")
+    one = mm.build_model(tiny_cfg(), (1, 20, 20), [3], CPU, masks=False)
+    assert mm.count_parameters(model) == 3 * mm.count_parameters(one)
+    assert average_accuracy(R) >= 0 and backward_transfer(R) == 0.0
+
+
+def test_the_frozen_kb_ablation_has_bwt_exactly_zero():
+    _, _, R, kbs = train_method("ablation")
+    assert backward_transfer(R) == 0.0
+    assert not kb_changed(kbs[0], kbs[2])
+
+
+def test_mark_moves_the_kb_after_the_first_task_only_by_the_meta_update():
+    _, _, _, kbs = train_method("mark", meta_outer_lr=0.0)   # eps = 0: no meta movement
+    assert not kb_changed(kbs[0], kbs[2])
+    _, _, _, kbs = train_method("mark", meta_outer_lr=0.5)
+    assert kb_changed(kbs[0], kbs[2])
+
+
+def test_table_builder_computes_mean_and_std_from_hand_made_results(tmp_path):
+    def run(seed, acc, bwt):
+        return {"seed": seed, "acc": acc, "bwt": bwt, "tasks_done": 2, "parameters": 1234,
+                "acc_matrix": [[0.9, None], [0.8, 0.7]], "task_seconds": [30.0, 30.0]}
+    for method, runs in {"mark": [run(0, 0.80, -0.01), run(1, 0.90, 0.01)],
+                         "b1": [run(0, 0.50, -0.30)]}.items():
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "results.json").write_text(json.dumps(
+            {"schedule": "profile 'short'", "runs": runs}))
+    rows = {r["method"]: r for r in baselines.build_table(tmp_path, "cifar100", log=lambda *_: None)}
+    mark = rows["MARK"]
+    assert mark["acc_mean"] == pytest.approx(0.85) and mark["acc_std"] == pytest.approx(0.05)
+    assert mark["bwt_mean"] == pytest.approx(0.0) and mark["runs"] == "2"
+    assert mark["wall time / run"] == "1.0 min" and mark["parameters"] == "1,234"
+    assert "78.31" in mark["reference Acc (std) %"] and "80.36" in mark["reference Acc (std) %"]
+    text = (tmp_path / "table.md").read_text()
+    assert "| MARK | 85.00 (5.00) | 0.00 | 1,234 | 1.0 min | 2 |" in text
+    assert "| Baseline 1 (sequential KB, no masks) | 50.00 (0.00) | -30.00 |" in text
+    saved = {r["method"]: r for r in json.loads((tmp_path / "table.json").read_text())["rows"]}
+    assert saved["MARK"]["acc_mean"] == pytest.approx(0.85)
+
+
+def test_while_a_step_trains_every_frozen_module_is_in_eval_mode(monkeypatch):
+    """Frozen modules must not update BN statistics or apply dropout: during
+    step 3 only M_t and C_t are in training mode (the KB, trained in train
+    mode by step 2 just before, must be back in eval mode)."""
+    torch.manual_seed(0)
+    cfg, task = tiny_cfg(), tiny_tasks(T=1)[0]
+    model = mm.build_model(cfg, task.input_shape, [3], CPU)
+    gen = torch.Generator().manual_seed(0)
+    q = mm.step1_feature_extractor(model, 0, task, cfg, gen)
+    mm.step2_pretrain_kb(model, 0, task, cfg, gen)
+    seen = []
+    original_fit = mm.fit
+
+    def spying_fit(model_, cfg_, gen_, n, loss_of_batch, **kw):
+        def spy(i):
+            seen.append({name for name, m in model_.named_modules() if m.training})
+            return loss_of_batch(i)
+        return original_fit(model_, cfg_, gen_, n, spy, **kw)
+
+    monkeypatch.setattr(mm, "fit", spying_fit)
+    mm.step3_masks_and_head(model, 0, task, cfg, gen, q)
+    trained = {n for n in seen[0] if n}
+    assert trained and all(n.startswith(("mask_generators.0", "heads.0")) for n in trained), trained
