@@ -1163,6 +1163,9 @@ def load_market_stream(cfg: Config, seed: int, device) -> MarketStream:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
         source = data_dir / MARKET_SYNTHETIC_FOLDER.format(seed=seed)
         write_synthetic_market(source, seed=seed)
+    elif cfg.source is None:
+        raise DataError("--dataset market needs --source: a minute-bar CSV file or a folder of them "
+                        "(datetime,symbol,open,high,low,close,volume)")
     else:
         source = cfg.source
     stream = load_market(source, seed=seed, device=device)
@@ -1537,9 +1540,8 @@ def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
         parser.error("--resume needs --out DIR (the folder of the interrupted run)")
     if given.get("dataset") == "npz" and not given.get("path"):
         parser.error("--dataset npz needs --path FILE.npz")
-    if (given.get("source") is not None) != (given.get("dataset") == "market"):
-        parser.error("--dataset market needs --source (a minute-bar CSV or a folder of them), "
-                     "and only it takes one")
+    if given.get("source") is not None and given.get("dataset") != "market":
+        parser.error("--source is read by --dataset market only")
     if given.get("num_days") is not None and given.get("dataset") not in MARKET_DATASETS:
         parser.error("--num-days is for the market datasets")
     if given.get("num_days") == 1:

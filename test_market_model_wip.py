@@ -220,10 +220,14 @@ def test_mark_with_supsup_runs_on_market_data(tmp_path):
     assert len(run["acc_per_label"]) == 4 and run["days_done"] == 2
 
 
-@pytest.mark.parametrize("argv", [["--dataset", "market"], ["--source", "x"],
-                                  ["--dataset", "glyphs", "--num-days", "3"],
+@pytest.mark.parametrize("argv", [["--source", "x"], ["--dataset", "glyphs", "--num-days", "3"],
                                   ["--dataset", "market-synthetic", "--num-days", "1"]])
 def test_market_flags_are_checked(argv, capsys):
     with pytest.raises(SystemExit):
         mm.parse_config(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_market_without_source_stops_with_a_message(capsys):
+    assert mm.main(["--dataset", "market"]) == 1
+    assert "--dataset market needs --source" in capsys.readouterr().err
