@@ -1081,26 +1081,24 @@ def summarize(runs) -> dict:
             "runs": len(finished)}
 
 
-def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridden=frozenset(),
-                   log=print) -> dict:
-    """Run `method` over seeds seed..seed+runs-1; write results.json after every task.
-    The market datasets run the day-by-day protocol (run_market_experiment)."""
-    if cfg.dataset in MARKET_DATASETS:
-        return run_market_experiment(cfg, method, train_task, model_kwargs, overridden, log)
+def open_results(cfg: Config, method: str, overridden, log, family=""):
+    """What both run loops (task lists and MarketCL) start with: the device,
+    the results dict of results.json, the runs a --resume finds in --out, and
+    save(current_run), which writes results.json atomically."""
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out) if cfg.out else None
-    results_path = out / "results.json" if out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    results_path = Path(cfg.out) / "results.json" if cfg.out else None
     previous = {}
-    if cfg.resume and results_path and results_path.exists():
-        previous = {r["seed"]: r for r in json.loads(results_path.read_text()).get("runs", [])}
+    if results_path:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and results_path.exists():
+            previous = {r["seed"]: r for r in json.loads(results_path.read_text()).get("runs", [])}
     results = {"method": method, "schedule": describe_schedule(cfg, overridden),
                "config": dataclasses.asdict(cfg), "torch": torch.__version__,
                "device": str(device), "runs": [], "summary": {}}
-    log(f"{method} on {cfg.dataset}, device {device}, torch {torch.__version__}")
+    log(f"{method} on {cfg.dataset}{f' ({family})' if family else ''}, device {device}, "
+        f"torch {torch.__version__}")
     log(results["schedule"])
 
     def save(current=None):
@@ -1108,6 +1106,17 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
         if results_path:
             atomic_write_json(results_path, {**results, "runs": runs, "summary": summarize(runs)})
 
+    return device, results, previous, save
+
+
+def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridden=frozenset(),
+                   log=print) -> dict:
+    """Run `method` over seeds seed..seed+runs-1; write results.json after every task.
+    The market datasets run the day-by-day protocol (run_market_experiment)."""
+    if cfg.dataset in MARKET_DATASETS:
+        return run_market_experiment(cfg, method, train_task, model_kwargs, overridden, log)
+    device, results, previous, save = open_results(cfg, method, overridden, log)
+    out = Path(cfg.out) if cfg.out else None
     for seed in range(cfg.seed, cfg.seed + cfg.runs):
         old = previous.get(seed)
         data_kwargs = {"path": cfg.path} if cfg.path else {}
@@ -1327,26 +1336,7 @@ def run_market_experiment(cfg: Config, method: str, train_task, model_kwargs,
     interruption keeps the finished days. Resume is per seed only: --resume
     keeps the seeds that finished and runs an unfinished seed again from its
     first day (no checkpoints inside a seed)."""
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    results_path = Path(cfg.out) / "results.json" if cfg.out else None
-    previous = {}
-    if results_path:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and results_path.exists():
-            previous = {r["seed"]: r for r in json.loads(results_path.read_text()).get("runs", [])}
-    results = {"method": method, "schedule": describe_schedule(cfg, overridden),
-               "config": dataclasses.asdict(cfg), "torch": torch.__version__,
-               "device": str(device), "runs": [], "summary": {}}
-    log(f"{method} on {cfg.dataset} (MarketCL), device {device}, torch {torch.__version__}")
-    log(results["schedule"])
-
-    def save(current=None):
-        runs = results["runs"] + ([current] if current else [])
-        if results_path:
-            atomic_write_json(results_path, {**results, "runs": runs, "summary": summarize(runs)})
-
+    device, results, previous, save = open_results(cfg, method, overridden, log, "MarketCL")
     with flush_denormals():
         for seed in range(cfg.seed, cfg.seed + cfg.runs):
             old = previous.get(seed)
