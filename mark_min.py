@@ -383,6 +383,10 @@ def binarize(scores: torch.Tensor, how: str, density: float) -> torch.Tensor:
         mask = torch.zeros_like(scores).flatten()
         mask[scores.abs().flatten().topk(k).indices] = 1
         mask = mask.view_as(scores)
+        # The mask is a function of |score|: the gradient reaches the score
+        # through abs(), i.e. times sign(score), so a weight the loss wants
+        # switched on has its |score| raised (as edge-popup / SupSup do).
+        return StraightThrough.apply(scores.abs(), mask)
     return StraightThrough.apply(scores, mask)
 
 

@@ -2392,3 +2392,17 @@ def test_market_flags_are_checked(argv, capsys):
 def test_market_without_source_stops_with_a_message(capsys):
     assert mm.main(["--dataset", "market"]) == 1
     assert "--dataset market needs --source" in capsys.readouterr().err
+
+
+def test_topk_straight_through_raises_the_score_magnitude_of_a_weight_the_loss_wants_on():
+    """The top-k mask depends on |score|, so the straight-through gradient must
+    carry sign(score): a negative score that the loss wants in the mask must
+    become more negative. (Passing the mask's gradient unchanged, our first
+    version, pushed it towards 0 and MARK + SupSup stayed near chance.)"""
+    layer = mm.SupermaskLinear(2, 1, num_tasks=1, how="topk", density=0.5)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.scores[0].copy_(torch.tensor([[-0.5, 0.1]]))
+    (-layer(torch.ones(1, 2), 0).sum()).backward()      # the loss wants every weight on
+    grad = layer.scores[0].grad[0]
+    assert grad[0] > 0 and grad[1] < 0                   # SGD: -0.5 goes down, 0.1 goes up
