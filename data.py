@@ -249,6 +249,18 @@ class Sequences:
         return f"Sequences(x={tuple(self.x.shape)} {self.x.dtype}, device={self.x.device})"
 
 
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, device):
+    """A shuffled pass over range(n), as index tensors of batch_size on `device`.
+
+    The permutation is drawn on the generator's device (CPU if None) and moved
+    once; indexing then happens on the data's device, no host round trip per
+    batch. The training loops of mark_min.py use this too.
+    """
+    gen_device = generator.device if generator is not None else "cpu"
+    order = torch.randperm(n, generator=generator, device=gen_device).to(device)
+    return order.split(batch_size) if n else ()      # no batch at all for an empty split
+
+
 @dataclass
 class Split:
     """One split (train, validation or test) of one task.
@@ -283,15 +295,12 @@ class Split:
         The permutation is drawn on the generator's device and indexing happens
         on the data's device: no host round trip per batch.
         """
-        n = len(self)
         if shuffle:
-            gen_device = generator.device if generator is not None else "cpu"
-            order = torch.randperm(n, generator=generator, device=gen_device)
-            order = order.to(self.y.device)
+            parts = batch_indices(len(self), batch_size, generator, self.y.device)
         else:
-            order = torch.arange(n, device=self.y.device)
-        for start in range(0, n, batch_size):
-            yield self.subset(order[start:start + batch_size])
+            parts = torch.arange(len(self), device=self.y.device).split(batch_size) if len(self) else ()
+        for index in parts:
+            yield self.subset(index)
 
 
 @dataclass

@@ -54,7 +54,7 @@ from torch.func import functional_call, grad, vmap
 
 import metrics
 from data import (MARKET_DATASETS, MARKET_NUM_CLASSES, MARKET_SYNTHETIC_FOLDER, DataError,
-                  MarketStream, Task, default_data_dir, load_market, load_tasks,
+                  MarketStream, Task, batch_indices, default_data_dir, load_market, load_tasks,
                   write_synthetic_market)
 
 # ---------------------------------------------------------------------------
@@ -576,12 +576,6 @@ def build_model(cfg: Config, in_shape, classes_per_task, device, **kwargs) -> MA
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the message names task, step and epoch."""
-
-
-def batch_indices(n, batch_size, generator, device):
-    """A shuffled pass over range(n) in mini-batches, drawn from `generator`."""
-    order = torch.randperm(n, generator=generator, device=generator.device).to(device)
-    return order.split(batch_size)
 
 
 def freeze_all_but(model: nn.Module, params, train_modules):
