@@ -1718,6 +1718,10 @@ def load_market(source, *, seed: int, samples_per_day: int = MARKET_SAMPLES_PER_
       exactly zero.
     - Labels: see market_labels.
     """
+    start, end = _session_minutes(session)
+    if not 1 <= samples_per_day <= end - start + 1:
+        raise DataError(f"samples_per_day must be between 1 and {end - start + 1} (the minutes "
+                        f"of the session {session[0]}-{session[1]}), got {samples_per_day}")
     source = Path(source)
     bars_by_symbol, file_of = {}, {}
     for path in _market_files(source):
@@ -1780,7 +1784,7 @@ def write_synthetic_market(folder, *, seed: int, num_symbols: int = 6, num_days:
     before and after the session (8 and 7 minutes before, 1 and 11 minutes
     after) are included, as in real data, for the loader to drop.
     The volatility range keeps every class of every label head under 70% of
-    the samples (test_market_wip.py checks it). Files are byte-identical for
+    the samples (test_mark.py checks it). Files are byte-identical for
     the same arguments on the same platform.
     """
     folder = Path(folder)
@@ -1840,16 +1844,27 @@ TASK_DATASETS = ("cifar100", "glyphs", "imagedata", "npz")        # load_tasks
 MARKET_DATASETS = ("market", "market-synthetic")                   # load_market
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1, refused with a clear message otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Summarise a task stream or a MarketCL stream.")
     parser.add_argument("--dataset", default="glyphs", choices=TASK_DATASETS + MARKET_DATASETS)
     parser.add_argument("--data-dir", default=None, help=f"default ${DATA_DIR_ENV} or ./data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-tasks", type=int, default=None, help="keep the first N tasks")
+    parser.add_argument("--num-tasks", type=positive_int, default=None, help="keep the first N tasks")
     parser.add_argument("--path", default=None, help="the .npz file (npz only)")
     parser.add_argument("--source", default=None,
                         help="a CSV file or a folder of CSVs of minute bars (market only)")
-    parser.add_argument("--samples-per-day", type=int, default=MARKET_SAMPLES_PER_DAY,
+    parser.add_argument("--samples-per-day", type=positive_int, default=MARKET_SAMPLES_PER_DAY,
                         help="samples per symbol and day (market, market-synthetic)")
     args = parser.parse_args(argv)
     market = args.dataset in MARKET_DATASETS

@@ -2046,6 +2046,18 @@ def test_market_on_the_command_line_reports_a_data_error_without_traceback(tmp_p
     assert "Traceback" not in err
 
 
+def test_market_sample_count_out_of_range_is_refused_clearly(tmp_path, capsys):
+    """0 or more samples than the session has minutes: a parser error on the
+    command line, a DataError naming the allowed range in the library."""
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--dataset", "market-synthetic", "--data-dir", str(tmp_path),
+                   "--samples-per-day", "0"])
+    assert exit_info.value.code == 2
+    assert "--samples-per-day: must be a whole number >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(DataError, match="between 1 and 375 .* got 400"):
+        load_market(tmp_path, seed=0, samples_per_day=400)
+
+
 # ---------------------------------------------------------------------------
 # baselines.py: each method's defining property, on a tiny stream
 # ---------------------------------------------------------------------------
