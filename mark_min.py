@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import metrics
-from data import (MARKET_DATASETS, MARKET_NUM_CLASSES, MARKET_SYNTHETIC_FOLDER, DataError,
+from data import (MARKET_DATASETS, MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS, MARKET_NUM_CLASSES,
+                  MARKET_SYNTHETIC_FOLDER, DataError,
                   MarketStream, Task, batch_indices, default_data_dir, load_market, load_tasks,
                   write_synthetic_market)
 
@@ -144,9 +145,16 @@ DEFAULT_PROFILE = {"cifar100": "paper"}     # every other dataset: "quick"
 DATASET_PROFILES = {(market, "quick"): dict(meta_k=2, meta_inner_steps=5)
                     for market in MARKET_DATASETS}
 EPOCH_FIELDS = ("epochs_fe", "epochs_kb", "epochs_masks", "epochs_consolidate")
-# Input shape of one image per dataset, so --describe needs no data.
-KNOWN_SHAPES = {"cifar100": (3, 32, 32), "glyphs": (1, 20, 20), "imagedata": (1, 20, 20)}
-KNOWN_CLASSES = {"cifar100": [5] * 20, "glyphs": [5] * 15, "imagedata": [5] * 14 + [4]}
+# Input shape of one sample and classes per task of each dataset, so --describe
+# needs no data. MarketCL: a day's 375 minutes x 27 features, 4 labels of 4
+# classes per symbol; market-synthetic writes 6 symbols, and for a user's
+# market data (unknown until read) the report's 20 symbols; --num-tasks sets T.
+MARKET_SHAPE = (375, len(MARKET_FEATURE_NAMES))
+KNOWN_SHAPES = {"cifar100": (3, 32, 32), "glyphs": (1, 20, 20), "imagedata": (1, 20, 20),
+                "market": MARKET_SHAPE, "market-synthetic": MARKET_SHAPE}
+KNOWN_CLASSES = {"cifar100": [5] * 20, "glyphs": [5] * 15, "imagedata": [5] * 14 + [4],
+                 "market": [MARKET_NUM_CLASSES] * 20, "market-synthetic": [MARKET_NUM_CLASSES] * 6}
+KNOWN_LABELS = {"market": len(MARKET_LABEL_PAIRS), "market-synthetic": len(MARKET_LABEL_PAIRS)}
 
 
 def resolve_config(cfg: Config, overridden: set[str] = frozenset()) -> Config:
@@ -1405,35 +1413,37 @@ def describe(cfg: Config, log=print):
         raise SystemExit(f"error: --describe knows the input shape of {sorted(KNOWN_SHAPES)}; "
                          f"for {cfg.dataset} run a short training and read 'parameters' in results.json")
     shape, classes = KNOWN_SHAPES[cfg.dataset], KNOWN_CLASSES[cfg.dataset]
+    labels = KNOWN_LABELS.get(cfg.dataset, 1)
     if cfg.num_tasks:
-        classes = classes[:cfg.num_tasks]
+        classes = (classes * cfg.num_tasks)[:cfg.num_tasks]
     plain = dataclasses.replace(cfg, supsup=False)
     with torch.device("meta"):
-        model = MARKNet(shape, classes, plain)
+        model = MARKNet(shape, classes, plain, labels=labels)
     rows = [("knowledge base KB (shared)", count_parameters(model.kbs[0]), 1),
             ("feature extractor F_t (per task)", count_parameters(model.extractors[0]), len(classes)),
             ("mask generator M_t (per task)", count_parameters(model.mask_generators[0]), len(classes)),
             ("classifier head C_t (per task)", count_parameters(model.heads[0]), len(classes))]
-    log(f"MARK on {cfg.dataset}: input {shape}, {len(classes)} tasks")
+    heads = f", {labels} labels of {classes[0]} classes per task" if labels > 1 else ""
+    log(f"MARK on {cfg.dataset}: input {shape}{heads}, {len(classes)} tasks")
     log(f"{'component':<36s}{'each':>10s}{'x':>5s}{'total':>12s}")
     for name, n, times in rows:
         log(f"{name:<36s}{n:>10,d}{times:>5d}{n * times:>12,d}")
     total = count_parameters(model)
     log(f"{'total':<36s}{'':>15s}{total:>12,d}\n")
-    log(storage_table(cfg, shape, classes[0]))
+    log(storage_table(cfg, shape, classes[0], labels=labels))
     return total
 
 
-def storage(cfg: Config, shape, k, T) -> dict:
+def storage(cfg: Config, shape, k, T, labels=1) -> dict:
     """Parameters and stored bytes (float32 = 4 bytes) of each method for T tasks of k classes.
 
     MARK + SupSup stores its fixed random weights once (they could also be
     regenerated from a seed) and each task's supermasks as bits; its trained
     float scores are needed only while a task trains."""
     with torch.device("meta"):
-        mark = MARKNet(shape, [k] * T, dataclasses.replace(cfg, supsup=False))
-        sup = MARKNet(shape, [k] * T, dataclasses.replace(cfg, supsup=True))
-        b4 = MARKNet(shape, [k] * T, cfg, masks=False, kb_per_task=True)
+        mark = MARKNet(shape, [k] * T, dataclasses.replace(cfg, supsup=False), labels=labels)
+        sup = MARKNet(shape, [k] * T, dataclasses.replace(cfg, supsup=True), labels=labels)
+        b4 = MARKNet(shape, [k] * T, cfg, masks=False, kb_per_task=True, labels=labels)
     supermasks = [m for m in sup.modules() if isinstance(m, SupermaskLinear)]
     fixed = sum(m.weight.numel() for m in supermasks)
     bits_bytes = sum(math.ceil(m.weight.numel() / 8) for m in supermasks)   # = pack_mask's size
@@ -1443,11 +1453,11 @@ def storage(cfg: Config, shape, k, T) -> dict:
             "b4": (count_parameters(b4), 4 * count_parameters(b4))}
 
 
-def storage_table(cfg: Config, shape, k, tasks=(20, 100, 308, 1000)) -> str:
+def storage_table(cfg: Config, shape, k, tasks=(20, 100, 308, 1000), labels=1) -> str:
     lines = ["Storage for T tasks (parameters stored / megabytes on disk, float32, SupSup masks as bits):",
              f"{'T':>6s}  {'MARK':>24s}  {'MARK + SupSup':>24s}  {'Baseline 4':>24s}"]
     for T in tasks:
-        cells = [f"{p:>12,d} / {b / 1e6:7.1f} MB" for p, b in storage(cfg, shape, k, T).values()]
+        cells = [f"{p:>12,d} / {b / 1e6:7.1f} MB" for p, b in storage(cfg, shape, k, T, labels).values()]
         lines.append(f"{T:>6d}  " + "  ".join(f"{c:>24s}" for c in cells))
     return "\n".join(lines)
 

@@ -116,6 +116,18 @@ def test_describe_prints_the_table_without_data(capsys):
         assert number in out
 
 
+
+def test_describe_covers_the_lstm_family_with_four_label_heads(capsys):
+    """MarketCL: the table is counted on the model a market run builds (LSTM
+    KB 27 -> 64 -> 128 -> 256, heads of 4 labels x 4 classes), T from --num-tasks."""
+    cfg, _, _ = mm.parse_config(["--dataset", "market", "--num-tasks", "3"])
+    total = mm.describe(cfg)
+    out = capsys.readouterr().out
+    model = mm.MARKNet((375, len(data.MARKET_FEATURE_NAMES)), [4] * 3, cfg, labels=4)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert "4 labels of 4 classes per task, 3 tasks" in out
+    assert f"{256 * 16 + 16:,d}" in out                      # one head: 256 -> 4 x 4 logits
+
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 20, 20), (3, 28, 28)])
 def test_sizes_follow_the_input_shape(shape):
     model = mm.MARKNet(shape, [5, 4], mm.Config())
