@@ -568,6 +568,38 @@ def separable_tasks(T=3, k=2):
     return tasks
 
 
+def test_query_statistics_are_class_means_and_within_class_variance():
+    model = mm.MARKNet((1, 20, 20), [3, 2], tiny_cfg(latent=2))
+    query = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 10.0], [0.0, 12.0]])
+    mm.record_query_statistics(model, 0, query, torch.tensor([0, 0, 2, 2]))
+    assert torch.equal(model.query_means[0, 0], torch.tensor([2.0, 0.0]))
+    assert torch.equal(model.query_means[0, 2], torch.tensor([0.0, 11.0]))
+    assert torch.isinf(model.query_means[0, 1]).all()                # class 1 has no sample
+    assert torch.allclose(model.query_var[0], torch.tensor([0.5, 0.5]))   # ((+-1)^2 + 0 + 0) / 4 per unit
+    # a unit that never varies gets the floor, 1% of the mean variance, not 0
+    mm.record_query_statistics(model, 1, torch.tensor([[1.0, 5.0], [3.0, 5.0]]), torch.tensor([1, 1]))
+    assert torch.allclose(model.query_var[1], torch.tensor([1.0, 0.005]))
+
+
+def test_query_distance_uses_the_nearest_class_not_the_overall_mean():
+    """Task 0's classes sit at (+-3, 0); a batch of task 1 lies at (0, 0), in
+    the empty middle between them. One Gaussian around task 0's overall mean
+    (0, 0) would call that batch typical of task 0 (the failure we measured);
+    the nearest-class-mean distance gives it to task 1."""
+    model = mm.MARKNet((1, 20, 20), [2, 2], tiny_cfg(latent=2))
+    model.extractors[0], model.extractors[1] = nn.Identity(), nn.Identity()   # query = input
+    g = torch.Generator().manual_seed(0)
+    task0 = torch.cat([torch.tensor([[3.0, 0.0]]), torch.tensor([[-3.0, 0.0]])]).repeat(50, 1)
+    task1 = torch.cat([torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 6.0]])]).repeat(50, 1)
+    for t, q in enumerate((task0, task1)):
+        mm.record_query_statistics(model, t, q + 0.3 * torch.randn(q.shape, generator=g),
+                                   torch.tensor([0, 1]).repeat(50))
+    middle = 0.3 * torch.randn(16, 2, generator=g)
+    assert mm.query_distance(model, middle, 1) < mm.query_distance(model, middle, 0)
+    near0 = torch.tensor([3.0, 0.0]) + 0.3 * torch.randn(16, 2, generator=g)
+    assert mm.query_distance(model, near0, 0) < mm.query_distance(model, near0, 1)
+
+
 @pytest.mark.parametrize("supsup", [False, True])
 def test_task_inference_finds_the_task_on_a_trivially_separable_stream(supsup):
     torch.manual_seed(0)
@@ -582,6 +614,16 @@ def test_task_inference_finds_the_task_on_a_trivially_separable_stream(supsup):
     assert result["task_inference_accuracy"] == 1.0
     given_acc = np.mean([mm.evaluate(model, t, tasks[t].test) for t in range(3)])
     assert result["accuracy_inferred_task"] == pytest.approx(given_acc)
+
+
+def test_models_without_feature_extractors_infer_the_task_by_entropy_only():
+    """Baselines 1, 2 and 4 have no F_t: --infer-task reports the entropy score
+    for them instead of failing at the end of a finished run."""
+    tasks = tiny_tasks(T=2)
+    model = mm.build_model(tiny_cfg(), tasks[0].input_shape, [3, 3], CPU, masks=False)
+    result = mm.evaluate_without_task_id(model, tasks)
+    assert set(result) == {"entropy", "batch_size"}
+    assert 0 <= result["entropy"]["task_inference_accuracy"] <= 1
 
 
 def test_storage_table_counts_masks_as_bits():
