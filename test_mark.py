@@ -403,6 +403,18 @@ def run_tiny(tmp_path, monkeypatch, train_task=mm.train_task_mark, resume=False,
     return mm.run_experiment(cfg, "mark", train_task, {}, log=lambda *_: None)
 
 
+def test_infer_task_on_a_finished_run_evaluates_its_checkpoint_without_training(tmp_path, monkeypatch):
+    first = run_tiny(tmp_path, monkeypatch)["runs"][0]
+    assert "task_agnostic" not in first
+    trained = []
+    counting = lambda *args: trained.append(args) or mm.train_task_mark(*args)
+    again = run_tiny(tmp_path, monkeypatch, train_task=counting, resume=True, infer_task=True)["runs"][0]
+    assert trained == []                                      # nothing trained again
+    assert again["acc_matrix"] == first["acc_matrix"]
+    assert set(again["task_agnostic"]) == {"entropy", "query", "batch_size", "accuracy_given_task"}
+    assert "task_agnostic" in json.loads((tmp_path / "results.json").read_text())["runs"][0]
+
+
 def test_end_to_end_run_writes_a_valid_results_json(tmp_path, monkeypatch):
     results = run_tiny(tmp_path, monkeypatch, runs=2)
     saved = json.loads((tmp_path / "results.json").read_text())
