@@ -1518,7 +1518,8 @@ FLAG_HELP = {
     "meta_impl": "loop | vmap | auto (vmap on CUDA)",
     "supsup": "replace the per-task M_t and C_t by one shared SupSup mask generator and head",
     "supsup_binarize": "topk: SupSup's top-density |score| per layer; sign: the report's score >= 0",
-    "infer_task": "after the run, also evaluate without the task id (lowest-entropy task)",
+    "infer_task": "after the run (or on a finished run with --resume), also evaluate without the task id "
+                  "(two scores: lowest output entropy, nearest class mean of F_t's queries)",
 }
 CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz", *MARKET_DATASETS],
            "profile": list(PROFILES), "mask_init": ["ones", "default"],
