@@ -1035,6 +1035,11 @@ def run_summary(R: np.ndarray, done: int) -> dict:
     return {"acc": metrics.average_accuracy(block), "bwt": metrics.backward_transfer(block)}
 
 
+def checkpoint_path(out: Path, method: str, seed: int) -> Path:
+    """Where run_seed keeps the checkpoint of one method and seed."""
+    return out / f"checkpoint_{method}_seed{seed}.pt"
+
+
 def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwargs, device,
              out: Path | None, log, on_task_done=None) -> dict:
     """Train `method` on the whole stream for one seed and fill the accuracy matrix.
@@ -1056,7 +1061,7 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
     record = {"seed": seed, "method": method, "tasks_done": 0,
               "parameters": sum(p.numel() for p in model.parameters()),
               "task_seconds": [], "step_seconds": []}
-    ckpt = out / f"checkpoint_{method}_seed{seed}.pt" if out else None
+    ckpt = checkpoint_path(out, method, seed) if out else None
     if cfg.resume and ckpt and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])           # copied onto the model's device
@@ -1169,7 +1174,7 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
             # A finished run is not trained again. With --infer-task and no
             # task-agnostic result yet, its last checkpoint is evaluated
             # (run_seed resumes after the last task and trains nothing).
-            ckpt = out / f"checkpoint_{method}_seed{seed}.pt"
+            ckpt = checkpoint_path(out, method, seed)
             wants_agnostic = cfg.infer_task and "task_agnostic" not in old
             if not (wants_agnostic and ckpt.exists()):
                 log(f"[{method} seed {seed}] already finished, skipped"
