@@ -44,6 +44,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -723,81 +724,71 @@ def step5_consolidate(model, t, task, cfg, gen, query):
 
 # -- step 4: the meta-update ------------------------------------------------
 
-def sgd_momentum_(params, grads, bufs, lr, momentum, weight_decay):
-    """torch.optim.SGD's update, written out (in place, no dampening):
-    d = g + wd * p;  buf = momentum * buf + d;  p = p - lr * buf
-    (buf starts at zero, so the first buf equals d, as in torch.optim.SGD)."""
-    for p, g, b in zip(params, grads, bufs):
-        b.mul_(momentum).add_(g + weight_decay * p)
-        p.sub_(lr * b)
+def sgd_momentum(params: dict, grads: dict, bufs: dict, lr, momentum, weight_decay):
+    """torch.optim.SGD's update, written out as a pure function (no dampening):
+    buf' = momentum * buf + (g + wd * p);  p' = p - lr * buf'
+    (buf starts at zero, so the first buf' is g + wd * p, as in torch.optim.SGD).
+    Returns the new (params, bufs); the inputs are not changed, so the same
+    code runs for one meta-task and for K of them under torch.func.vmap.
+    p' is written into a clone of p so that it keeps p's exact strides: a
+    convolution picks its algorithm from the weight's memory layout, and a
+    1-channel weight is both contiguous and channels-last, a tie that a new
+    tensor would break the other way (last-bit differences in later steps)."""
+    bufs = {k: bufs[k] * momentum + (grads[k] + weight_decay * p) for k, p in params.items()}
+    return {k: p.clone().sub_(lr * bufs[k]) for k, p in params.items()}, bufs
 
 
-def adapt_one(model: MARKNet, t, theta, head_init, x, y, masks, cfg: Config):
-    """One meta-task: copy the KB, attach a fresh head, run `meta_inner_steps`
-    SGD steps on the single batch (x, y), masks fixed. Returns the adapted
-    KB weights theta_i' and the adapted copy's accuracy on that batch.
+def meta_task_loss(model: MARKNet, t, kb: dict, head: dict, x, y, masks):
+    """Loss of a KB copy and a head given as plain tensors (name -> tensor):
+    the KB's forward with these weights (torch.func.functional_call), masks fixed."""
+    z = functional_call(model.kb(t), kb, (x, masks))                     # (B, latent)
+    return model.loss(F.linear(z, head["weight"], head["bias"]), y, t)
 
-    Only the KB and the head are copied (as plain tensors), never the network.
-    Dropout is active in the inner loop, as in the authors' code.
+
+def meta_task_accuracy(model: MARKNet, t, kb: dict, head: dict, x, y, masks):
+    z = functional_call(model.kb(t), kb, (x, masks))
+    return (model.predict(F.linear(z, head["weight"], head["bias"])) == y).float().mean()
+
+
+def inner_step(model: MARKNet, t, cfg: Config, kb, head, kb_buf, head_buf, x, y, masks):
+    """One inner SGD step of one meta-task: gradient of its loss with respect
+    to the KB copy and the head (torch.func.grad), then SGD with momentum at
+    the meta rates. A pure function of tensors: adapt() runs it as is for one
+    meta-task, or under torch.func.vmap for K at once. The new weights carry
+    no autograd history, so memory does not grow with the number of steps."""
+    g_kb, g_head = grad(meta_task_loss, argnums=(2, 3))(model, t, kb, head, x, y, masks)
+    sgd = partial(sgd_momentum, lr=cfg.meta_inner_lr, momentum=cfg.momentum,
+                  weight_decay=cfg.meta_inner_weight_decay)
+    kb, kb_buf = sgd(kb, g_kb, kb_buf)
+    head, head_buf = sgd(head, g_head, head_buf)
+    return kb, head, kb_buf, head_buf
+
+
+def adapt(model: MARKNet, t, cfg: Config, kb: dict, head: dict, x, y, masks, batched=False):
+    """Adapt a KB copy and a fresh head to one batch: `meta_inner_steps` inner
+    steps (dropout active, as in the authors' code), masks fixed. Returns the
+    adapted KB weights theta_i' and the adapted copy's accuracy acc_i on its
+    batch, measured with dropout off (our choice; the authors' code does not
+    switch it off, see the README's deviations).
+
+    batched=True: every tensor carries a leading dimension of K meta-tasks
+    (kb, head, x, y and masks stacked) and the same inner_step runs under
+    torch.func.vmap: one large computation instead of K small ones (GPU).
+    Dropout then draws different random numbers per meta-task.
     """
-    kb = model.kb(t)
-    params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-    head = {k: v.clone().requires_grad_(True) for k, v in head_init.items()}
-    tensors = list(params.values()) + list(head.values())
-    bufs = [torch.zeros_like(p) for p in tensors]
-    kb.train()
+    step = partial(inner_step, model, t, cfg)
+    accuracy = partial(meta_task_accuracy, model, t)
+    if batched:
+        masks_dim = None if masks is None else 0            # masks=None: no masks (Baseline 2)
+        step = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, masks_dim), randomness="different")
+        accuracy = vmap(accuracy, in_dims=(0, 0, 0, 0, masks_dim))
+    kb_buf = {k: torch.zeros_like(v) for k, v in kb.items()}
+    head_buf = {k: torch.zeros_like(v) for k, v in head.items()}
+    model.kb(t).train()
     for _ in range(cfg.meta_inner_steps):
-        z = functional_call(kb, params, (x, masks))
-        loss = model.loss(F.linear(z, head["weight"], head["bias"]), y, t)
-        grads = torch.autograd.grad(loss, tensors)
-        with torch.no_grad():
-            sgd_momentum_(tensors, grads, bufs, cfg.meta_inner_lr, cfg.momentum,
-                          cfg.meta_inner_weight_decay)
-    # acc_i: the adapted copy's accuracy on its batch, dropout off (our choice;
-    # the reference does not say whether it is measured with dropout).
-    kb.eval()
-    with torch.no_grad():
-        z = functional_call(kb, params, (x, masks))
-        acc = (model.predict(F.linear(z, head["weight"], head["bias"])) == y).float().mean()
-    return {k: v.detach() for k, v in params.items()}, acc
-
-
-def adapt_all_vmap(model: MARKNet, t, theta, head_inits, xs, ys, masks, cfg: Config):
-    """The K meta-tasks as ONE batched computation (torch.func.vmap).
-
-    Same arithmetic as K calls of adapt_one; on a GPU it turns K small problems
-    into one large one. Dropout draws different random numbers per meta-task.
-    Returns stacked adapted weights {name: (K, ...)} and accuracies (K,).
-    """
-    K, kb = xs.shape[0], model.kb(t)
-    stack = lambda d: {k: v.detach().clone() for k, v in d.items()}
-    params = {k: v.unsqueeze(0).repeat(K, *([1] * v.dim())) for k, v in theta.items()}
-    head = {k: torch.stack([h[k] for h in head_inits]) for k in head_inits[0]}
-    bufs_p = {k: torch.zeros_like(v) for k, v in params.items()}
-    bufs_h = {k: torch.zeros_like(v) for k, v in head.items()}
-
-    def loss_fn(p, h, x, y, m):
-        z = functional_call(kb, p, (x, m))
-        return model.loss(F.linear(z, h["weight"], h["bias"]), y, t)
-
-    dims = (0, 0, 0, 0, None if masks is None else 0)    # masks=None: no masks (Baseline 2)
-    grad_fn = vmap(grad(loss_fn, argnums=(0, 1)), in_dims=dims, randomness="different")
-    kb.train()
-    for _ in range(cfg.meta_inner_steps):
-        gp, gh = grad_fn(params, head, xs, ys, masks)
-        sgd_momentum_(list(params.values()) + list(head.values()),
-                      list(gp.values()) + list(gh.values()),
-                      list(bufs_p.values()) + list(bufs_h.values()),
-                      cfg.meta_inner_lr, cfg.momentum, cfg.meta_inner_weight_decay)
-    kb.eval()
-
-    def accuracy(p, h, x, y, m):
-        z = functional_call(kb, p, (x, m))
-        return (model.predict(F.linear(z, h["weight"], h["bias"])) == y).float().mean()
-
-    with torch.no_grad():
-        accs = vmap(accuracy, in_dims=dims)(params, head, xs, ys, masks)
-    return stack(params), accs
+        kb, head, kb_buf, head_buf = step(kb, head, kb_buf, head_buf, x, y, masks)
+    model.kb(t).eval()
+    return kb, accuracy(kb, head, x, y, masks)
 
 
 @torch.no_grad()
@@ -840,18 +831,19 @@ def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=Non
                         if len(i) == cfg.batch_size or len(y) < cfg.batch_size]
         batches = batches[:cfg.meta_k]
         masks = [model.masks(x[i], t, None if query is None else query[i]) for i in batches]
-        heads = [dict(model.new_head(task.num_classes).named_parameters()) for _ in batches]
-        with torch.enable_grad():
-            if impl == "vmap":
-                stack = lambda ms: None if ms[0] is None else [torch.stack(m) for m in zip(*ms)]
-                adapted, accs = adapt_all_vmap(model, t, theta, heads, torch.stack([x[i] for i in batches]),
-                                               torch.stack([y[i] for i in batches]), stack(masks), cfg)
-                deltas = [{k: adapted[k][i] - theta[k] for k in theta} for i in range(cfg.meta_k)]
-            else:
-                results = [adapt_one(model, t, theta, h, x[i], y[i], m, cfg)
-                           for i, h, m in zip(batches, heads, masks)]
-                deltas = [{k: a[k] - theta[k] for k in theta} for a, _ in results]
-                accs = torch.stack([acc for _, acc in results])
+        heads = [{k: v.detach() for k, v in model.new_head(task.num_classes).named_parameters()}
+                 for _ in batches]
+        if impl == "vmap":
+            stack = lambda trees: {k: torch.stack([tree[k] for tree in trees]) for k in trees[0]}
+            adapted, accs = adapt(model, t, cfg, stack([theta] * cfg.meta_k), stack(heads),
+                                  torch.stack([x[i] for i in batches]), torch.stack([y[i] for i in batches]),
+                                  None if masks[0] is None else [torch.stack(m) for m in zip(*masks)],
+                                  batched=True)
+            adapted = [{k: v[i] for k, v in adapted.items()} for i in range(cfg.meta_k)]
+        else:
+            results = [adapt(model, t, cfg, theta, h, x[i], y[i], m) for i, h, m in zip(batches, heads, masks)]
+            adapted, accs = [a for a, _ in results], torch.stack([acc for _, acc in results])
+        deltas = [{k: a[k] - theta[k] for k in theta} for a in adapted]
         weights = meta_weights(accs)
         apply_meta_step(kb, deltas, weights, sign, cfg.meta_outer_lr, cfg.meta_outer_weight_decay)
 
