@@ -114,6 +114,7 @@ class Config:
     meta_impl: str = "auto"        # loop | vmap | auto (vmap on CUDA, loop on CPU)
     channels_last: bool = True     # memory layout for conv nets; faster on CPU and GPU
     threads: int | None = None     # torch CPU threads (default: torch's choice, one per core)
+    deterministic: bool = False    # CUDA: deterministic kernels, so --resume reproduces a run exactly
     # -- SupSup extension (MARK_REFERENCE section 8) ----------------------------
     supsup: bool = False           # one shared M and C with per-task binary supermasks
     supsup_binarize: str = "topk"  # topk (SupSup: keep the top density of |score|) | sign (report: score >= 0)
@@ -187,7 +188,8 @@ def describe_schedule(cfg: Config, overridden=frozenset()) -> str:
 
 HYPERPARAMETERS = {f.name for f in dataclasses.fields(Config)} - {
     "dataset", "data_dir", "path", "source", "num_tasks", "num_days", "profile", "epoch_scale",
-    "seed", "runs", "device", "out", "resume", "meta_impl", "channels_last", "threads", "infer_task"}
+    "seed", "runs", "device", "out", "resume", "meta_impl", "channels_last", "threads", "infer_task",
+    "deterministic"}
 
 
 # ---------------------------------------------------------------------------
@@ -984,6 +986,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_deterministic_kernels():
+    """Make every kernel deterministic, so that a run (and a resumed run) gives
+    the same numbers every time on the same GPU, driver and torch version.
+
+    On the CPU the kernels mark_min uses are deterministic already (for a
+    fixed number of threads). On CUDA, cuDNN picks convolution algorithms by
+    benchmark and some of them accumulate in a varying order; cuBLAS needs a
+    fixed workspace. Costs speed on CUDA (not measured here: no GPU)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def seed_everything(seed: int):
     """One seed for python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -1123,6 +1139,8 @@ def open_results(cfg: Config, method: str, overridden, log, family=""):
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        use_deterministic_kernels()
     results_path = Path(cfg.out) / "results.json" if cfg.out else None
     previous = {}
     if results_path:
@@ -1513,6 +1531,8 @@ FLAG_HELP = {
     "mask_init": "ones: mask generator bias 1, masks start near all-ones (default, our choice); "
                  "default: PyTorch's init, as the authors",
     "meta_impl": "loop | vmap | auto (vmap on CUDA)",
+    "deterministic": "CUDA: deterministic kernels only (cuDNN, cuBLAS), so a --resume'd run equals an "
+                     "uninterrupted one; slower. The CPU is deterministic without it (same thread count)",
     "supsup": "replace the per-task M_t and C_t by one shared SupSup mask generator and head",
     "supsup_binarize": "topk: SupSup's top-density |score| per layer; sign: the report's score >= 0",
     "infer_task": "after the run (or on a finished run with --resume), also evaluate without the task id "

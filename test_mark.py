@@ -48,16 +48,22 @@ torch.set_num_threads(1)
 # ---------------------------------------------------------------------------
 
 def tiny_cfg(**overrides):
-    """Small layers so a whole run takes a second; same code paths as the paper's."""
-    base = dict(dataset="tiny", profile="paper", kb_channels=(4, 8, 16), fe_channels=(4, 4),
-                latent=8, batch_size=16, epochs_fe=1, epochs_kb=2, epochs_masks=1,
-                epochs_consolidate=1, meta_epochs=1, meta_k=2, meta_inner_steps=2)
+    """Small layers so a whole 3-task run takes about a second; same code paths
+    as the paper's. Enough epochs that every method really learns the tiny
+    stream (see test_the_tiny_stream_is_learned_and_baseline1_forgets_it):
+    a test that compares accuracy matrices must not compare constants."""
+    base = dict(dataset="tiny", profile="paper", kb_channels=(8, 16, 32), fe_channels=(4, 4),
+                latent=16, batch_size=16, epochs_fe=5, epochs_kb=20, epochs_masks=5,
+                epochs_consolidate=5, meta_epochs=1, meta_k=2, meta_inner_steps=2)
     base.update(overrides)
     return mm.resolve_config(mm.Config(**base), overridden=set(base))
 
 
 def tiny_tasks(T=3, k=3, n_train=48, shape=(1, 20, 20), seed=0):
-    """T tasks of k classes; each class a fixed random prototype plus noise."""
+    """T tasks of k classes; each class a fixed random prototype plus noise of
+    the same size. Every task draws its own prototypes, so task t's modules
+    know nothing of task u's classes (chance on them), and a KB retrained on
+    task t forgets the features task u needed (Baseline 1 forgets)."""
     g = torch.Generator().manual_seed(seed)
     tasks = []
     for t in range(T):
@@ -65,9 +71,9 @@ def tiny_tasks(T=3, k=3, n_train=48, shape=(1, 20, 20), seed=0):
 
         def split(n):
             y = torch.arange(n) % k
-            return Split(protos[y] + 0.3 * torch.randn(n, *shape, generator=g), y)
+            return Split(protos[y] + torch.randn(n, *shape, generator=g), y)
         tasks.append(Task(t, list(range(t * k, t * k + k)), [f"c{t * k + i}" for i in range(k)],
-                          split(n_train), split(12), split(24)))
+                          split(n_train), split(12), split(48)))
     return tasks
 
 
@@ -173,11 +179,13 @@ def test_masks_have_one_value_per_image_and_channel_in_the_activation_range(acti
     model = mm.MARKNet((1, 20, 20), [5], mm.Config(mask_activation=activation)).eval()
     masks = model.masks(torch.randn(7, 1, 20, 20) * 3, 0)
     assert [tuple(m.shape) for m in masks] == [(7, 64), (7, 128), (7, 256)]
-    for m in masks:
-        if activation == "relu":
-            assert (m >= 0).all() and (m > 1).any() or (m >= 0).all()
-        else:
-            assert ((m > 0) & (m < 1)).all()
+    # Large queries drive the pre-activations far to both sides of 0.
+    q = F.relu(torch.randn(7, 128)) * 10
+    values = torch.cat([m.flatten() for m in model.mask_generators(q, 0)])
+    if activation == "relu":   # clipped at 0 and unbounded above: zeros and scales above 1
+        assert (values >= 0).all() and (values == 0).any() and (values > 1).any()
+    else:                      # strictly inside (0, 1)
+        assert ((values > 0) & (values < 1)).all()
     assert not torch.equal(masks[0][0], masks[0][1]), "masks must depend on the input"
 
 
@@ -195,6 +203,18 @@ def test_training_task_t_leaves_every_earlier_task_module_bit_identical():
             for before, module in zip(snaps, (model.extractors[s], model.mask_generators[s],
                                               model.heads[s])):
                 assert_identical(before, snapshot(module))   # includes BN running stats
+
+
+def test_each_task_is_solved_by_its_own_modules_and_not_by_another_tasks():
+    """The tiny stream is learned (chance is 1/3), and the task-specific modules
+    matter: task u's test images scored with task t's F, M and C (t != u) are
+    far less accurate. Without this, a matrix R filled with the wrong task's
+    modules would look like any other."""
+    model, tasks, R, _ = train_method("mark")
+    own = [mm.evaluate(model, u, tasks[u].test) for u in range(3)]
+    other = [mm.evaluate(model, t, tasks[u].test) for u in range(3) for t in range(3) if t != u]
+    assert min(own) >= 0.8 and np.mean(other) < min(own) - 0.3, (own, other)
+    assert backward_transfer(R) > -0.05, R
 
 
 def test_frozen_feature_extractor_keeps_its_batchnorm_statistics():
@@ -281,10 +301,13 @@ def prepared_model(cfg, task, seed=0):
     return model, gen, q
 
 
-@pytest.mark.parametrize("meta_sign,sign", [("reptile", +1.0), ("authors", -1.0)])
-def test_meta_update_matches_a_direct_computation(meta_sign, sign):
-    # dropout 0 makes the inner loop deterministic; eps large so the move is visible
-    cfg = tiny_cfg(dropout=0.0, meta_outer_lr=0.5, meta_outer_weight_decay=0.0, meta_k=3,
+@pytest.mark.parametrize("meta_sign,sign,dropout", [("reptile", +1.0, 0.0), ("authors", -1.0, 0.0),
+                                                   ("reptile", +1.0, 0.5)])
+def test_meta_update_matches_a_direct_computation(meta_sign, sign, dropout):
+    """Step 4 against deep-copied KBs trained by torch.optim.SGD. With dropout
+    on, both draw the same dropout masks in the same order (the inner loop
+    runs with dropout, as in the authors' code; acc_i is measured without)."""
+    cfg = tiny_cfg(dropout=dropout, meta_outer_lr=0.5, meta_outer_weight_decay=0.0, meta_k=3,
                    meta_inner_steps=5, meta_sign=meta_sign, channels_last=False)
     task = tiny_tasks(T=1, n_train=64)[0]
     model, gen, q = prepared_model(cfg, task)
@@ -301,18 +324,31 @@ def test_meta_update_matches_a_direct_computation(meta_sign, sign):
     assert moved > 1e-4, "the test must see the KB move (10x the tolerance)"
 
 
-def test_reptile_and_authors_signs_move_the_kb_in_opposite_directions():
-    cfg = tiny_cfg(dropout=0.0, meta_outer_lr=0.5, meta_outer_weight_decay=0.0)
-    task = tiny_tasks(T=1)[0]
-    moves = {}
+def test_reptile_moves_the_kb_towards_the_adapted_weights_and_the_authors_sign_away():
+    """The adapted weights theta_i' come from the independent reference
+    (deep copies trained by torch.optim.SGD). Reptile's step brings the KB
+    closer to their accuracy-weighted mean; the authors' sign takes it further
+    away. The outer weight decay is left on, as in the paper's settings."""
+    cfg = tiny_cfg(dropout=0.0, meta_outer_lr=0.5, meta_k=3, meta_inner_steps=5, channels_last=False)
+    task = tiny_tasks(T=1, n_train=64)[0]
+    distance = {}
     for meta_sign in ("reptile", "authors"):
-        model, gen, q = prepared_model(dataclasses.replace(cfg, meta_sign=meta_sign), task)
-        before = snapshot(model.kb(0))
-        mm.step4_meta_update(model, 0, task, dataclasses.replace(cfg, meta_sign=meta_sign), gen, q)
-        moves[meta_sign] = torch.cat([(v - before[k]).flatten()
-                                      for k, v in model.kb(0).named_parameters()])
-    assert moves["reptile"].abs().max() > 1e-4
-    torch.testing.assert_close(moves["reptile"], -moves["authors"])
+        sign_cfg = dataclasses.replace(cfg, meta_sign=meta_sign)
+        model, gen, q = prepared_model(sign_cfg, task)
+        gen_state, rng_state = gen.get_state(), torch.get_rng_state()
+        # eps = K: the reference returns theta + sum_i w_i delta_i, the weighted mean of theta_i'
+        target, _ = reference_meta_update(model, 0, task, dataclasses.replace(cfg, meta_outer_lr=3.0),
+                                          gen_state, rng_state, +1.0)
+        theta = snapshot(model.kb(0))
+        gen.set_state(gen_state)
+        torch.set_rng_state(rng_state)
+        mm.step4_meta_update(model, 0, task, sign_cfg, gen, q)
+        dist = lambda weights: sum(((weights[k] - target[k]) ** 2).sum() for k in target).sqrt().item()
+        distance[meta_sign] = (dist(theta), dist(dict(model.kb(0).named_parameters())))
+    before, after = distance["reptile"]
+    assert after < 0.95 * before, distance
+    before, after = distance["authors"]
+    assert after > 1.05 * before, distance
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.5])
@@ -374,8 +410,10 @@ def test_vmap_meta_tasks_give_the_same_kb_as_the_loop():
     results = {}
     for impl in ("loop", "vmap"):
         model, gen, q = prepared_model(dataclasses.replace(cfg, meta_impl=impl), task)
+        before = snapshot(model.kb(0))
         mm.step4_meta_update(model, 0, task, dataclasses.replace(cfg, meta_impl=impl), gen, q)
         results[impl] = snapshot(model.kb(0))
+    assert kb_changed(before, results["loop"]), "the KB must move, or equality proves nothing"
     for k in results["loop"]:
         torch.testing.assert_close(results["vmap"][k], results["loop"][k], rtol=1e-4, atol=1e-5)
 
@@ -469,7 +507,10 @@ def test_end_to_end_run_writes_a_valid_results_json(tmp_path, monkeypatch):
     for run in saved["runs"]:
         R = run["acc_matrix"]
         assert len(R) == 3 and all(R[i][j] is None for i in range(3) for j in range(i + 1, 3))
-        assert all(0 <= R[i][j] <= 1 for i in range(3) for j in range(i + 1))
+        # R[i][j] is task j scored with task j's own modules: the tiny stream is
+        # learned (chance is 1/3) and MARK keeps it; task j's test images
+        # scored with another task's modules would be near chance.
+        assert all(0.7 <= R[i][j] <= 1 for i in range(3) for j in range(i + 1)), R
         assert run["acc"] == pytest.approx(np.mean(R[2]))
         assert len(run["task_seconds"]) == 3 and "4 meta-update" in run["step_seconds"][1]
     accs = [r["acc"] for r in saved["runs"]]
@@ -490,7 +531,10 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path,
     partial = json.loads((tmp_path / "b" / "results.json").read_text())
     assert partial["runs"][0]["tasks_done"] == 2          # finished tasks were saved
     resumed = run_tiny(tmp_path / "b", monkeypatch, resume=True)
-    assert resumed["runs"][0]["acc_matrix"] == straight["runs"][0]["acc_matrix"]
+    R = straight["runs"][0]["acc_matrix"]
+    assert min(R[2]) > 0.6 and len({v for row in R for v in row if v is not None}) > 2, \
+        "the matrices compared must come from a stream that is learned, not constants"
+    assert resumed["runs"][0]["acc_matrix"] == R
     assert resumed["summary"]["acc_mean"] == straight["summary"]["acc_mean"]
 
 
@@ -500,7 +544,7 @@ def test_a_non_finite_loss_stops_with_task_step_and_epoch_and_keeps_results(tmp_
             task.train.x[0, 0, 0, 0] = float("nan")
         return mm.train_task_mark(model, t, task, *args, **kw)
 
-    with pytest.raises(mm.TrainingDiverged, match=r"task 1, step 1 .*epoch 1/1"):
+    with pytest.raises(mm.TrainingDiverged, match=r"task 1, step 1 .*epoch 1/5"):
         run_tiny(tmp_path, monkeypatch, train_task=poisoned)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"][0]["tasks_done"] == 1
@@ -527,15 +571,75 @@ def test_profiles_are_labelled_and_explicit_flags_win():
     assert cfg.epochs_kb == 5 and "not the paper protocol" in mm.describe_schedule(cfg, given)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_run_matches_the_model_on_cuda(tmp_path, monkeypatch):
-    cfg = tiny_cfg(device="cuda")
-    tasks = [t.to("cuda") for t in tiny_tasks(T=2)]
-    model = mm.build_model(cfg, tasks[0].input_shape, [3, 3], torch.device("cuda"))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    mm.train_task_mark(model, 0, tasks[0], cfg, gen, mm.StepTimer(torch.device("cuda"), print))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("impl", ["loop", "vmap"])
+def test_cuda_training_learns_and_its_weights_score_the_same_on_the_cpu(impl):
+    torch.manual_seed(0)
+    cfg, gpu = tiny_cfg(meta_impl=impl), torch.device("cuda")
+    tasks = [t.to(gpu) for t in tiny_tasks(T=2)]
+    model = mm.build_model(cfg, tasks[0].input_shape, [3, 3], gpu)
+    gen = torch.Generator(device=gpu).manual_seed(0)
+    for t in range(2):
+        mm.train_task_mark(model, t, tasks[t], cfg, gen, mm.StepTimer(gpu, lambda *_: None))
     assert all(p.is_cuda for p in model.parameters())
-    assert 0 <= mm.evaluate(model, 0, tasks[0].test) <= 1
+    accs = [mm.evaluate(model, t, tasks[t].test) for t in range(2)]
+    assert min(accs) >= 0.8, accs                                   # chance: 1/3
+    on_cpu = mm.build_model(cfg, tasks[0].input_shape, [3, 3], CPU)
+    on_cpu.load_state_dict(model.state_dict())
+    cpu_tasks = tiny_tasks(T=2)
+    assert [mm.evaluate(on_cpu, t, cpu_tasks[t].test) for t in range(2)] == pytest.approx(accs, abs=1 / 48)
+
+
+@CUDA
+def test_cuda_vmap_meta_update_memory_does_not_grow_with_the_inner_steps():
+    gpu, peak = torch.device("cuda"), {}
+    x, y = torch.randn(256, 3, 32, 32, device=gpu), torch.randint(0, 5, (256,), device=gpu)
+    task = Task(0, list(range(5)), list("abcde"), Split(x, y), None, None)
+    for steps in (2, 12):
+        torch.manual_seed(0)
+        cfg = mm.resolve_config(mm.Config(dataset="cifar100", meta_impl="vmap", meta_epochs=1,
+                                          meta_k=4, batch_size=64, meta_inner_steps=steps))
+        model = mm.build_model(cfg, (3, 32, 32), [5], gpu)
+        q = mm.frozen_queries(model, 0, x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(gpu)
+        mm.step4_meta_update(model, 0, task, cfg, torch.Generator(device=gpu).manual_seed(0), q)
+        torch.cuda.synchronize()
+        peak[steps] = torch.cuda.max_memory_allocated(gpu)
+    assert peak[12] < 1.2 * peak[2], peak
+
+
+@CUDA
+def test_cuda_resume_with_deterministic_kernels_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    def run(out, train_task=mm.train_task_mark, resume=False):
+        tasks = [t.to("cuda") for t in tiny_tasks(T=3)]
+        monkeypatch.setattr(mm, "load_tasks", lambda name, seed, **kw: tasks)
+        cfg = tiny_cfg(out=str(out), resume=resume, device="cuda", deterministic=True)
+        return mm.run_experiment(cfg, "mark", train_task, {}, log=lambda *_: None)
+
+    def interrupted(model, t, *args, **kw):
+        if t == 2:
+            raise KeyboardInterrupt
+        return mm.train_task_mark(model, t, *args, **kw)
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", interrupted)
+    assert run(tmp_path / "b", resume=True)["runs"][0]["acc_matrix"] == straight["runs"][0]["acc_matrix"]
+
+
+def test_deterministic_flag_turns_on_deterministic_kernels(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen = []
+    check = lambda *args: seen.append(torch.are_deterministic_algorithms_enabled()) or mm.train_task_mark(*args)
+    try:
+        run_tiny(tmp_path, monkeypatch, train_task=check, deterministic=True)
+        assert seen and all(seen) and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 # ---------------------------------------------------------------------------
@@ -602,10 +706,13 @@ def test_supermasks_stored_as_bits_reproduce_the_forward_pass_exactly():
         assert torch.equal(layer(x, t, mask=layer.unpack_mask(packed)), layer(x, t))
 
 
-def test_supsup_end_to_end_run_trains_and_evaluates(tmp_path, monkeypatch):
-    results = run_tiny(tmp_path, monkeypatch, supsup=True, supsup_binarize="sign")
+@pytest.mark.parametrize("how", ["topk", "sign"])
+def test_supsup_end_to_end_run_learns_every_task_and_keeps_it(tmp_path, monkeypatch, how):
+    results = run_tiny(tmp_path, monkeypatch, supsup=True, supsup_binarize=how)
     run = results["runs"][0]
-    assert run["tasks_done"] == 3 and 0 <= run["acc"] <= 1
+    R = np.array(run["acc_matrix"], dtype=float)
+    assert run["tasks_done"] == 3 and np.diag(R).min() >= 0.6, R      # chance: 1/3
+    assert run["bwt"] > -0.05, R      # earlier tasks' supermasks are never trained again
 
 
 def separable_tasks(T=3, k=2):
@@ -2194,12 +2301,13 @@ def kb_changed(a, b):
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_baseline1_retrains_the_kb_on_every_task_and_has_no_masks(monkeypatch):
+def test_baseline1_retrains_the_kb_on_every_task_has_no_masks_and_forgets(monkeypatch):
     calls = []
     monkeypatch.setattr(mm.MaskGenerator, "forward", lambda *a: calls.append(1))
-    model, _, _, kbs = train_method("b1")
+    model, _, R, kbs = train_method("b1")
     assert not calls and not model.use_masks and not hasattr(model, "mask_generators")
     assert all(kb_changed(kbs[t - 1], kbs[t]) for t in (1, 2))
+    assert np.diag(R).min() >= 0.8 and backward_transfer(R) < -0.15, R   # learns, then forgets
 
 
 def test_baseline2_runs_the_meta_update_and_trains_every_head(monkeypatch):
@@ -2230,12 +2338,14 @@ def test_baseline4_has_t_times_the_parameters_and_bwt_exactly_zero():
     model, _, R, _ = train_method("b4")
     one = mm.build_model(tiny_cfg(), (1, 20, 20), [3], CPU, masks=False)
     assert mm.count_parameters(model) == 3 * mm.count_parameters(one)
-    assert average_accuracy(R) >= 0 and backward_transfer(R) == 0.0
+    # Each task learns (chance 1/3), and nothing a task uses is trained afterwards;
+    # a shared KB would be overwritten by the later tasks (see Baseline 1).
+    assert np.diag(R).min() >= 0.8 and backward_transfer(R) == 0.0, R
 
 
 def test_the_frozen_kb_ablation_has_bwt_exactly_zero():
     _, _, R, kbs = train_method("ablation")
-    assert backward_transfer(R) == 0.0
+    assert np.diag(R).min() >= 0.8 and backward_transfer(R) == 0.0, R
     assert not kb_changed(kbs[0], kbs[2])
 
 
@@ -2467,10 +2577,17 @@ def test_market_synthetic_run_writes_per_label_results_and_baseline4_does_not_fo
     mark = check_market_results(json.loads((tmp_path / "mark" / "results.json").read_text()), "mark")
     assert (tmp_path / "market-synthetic-seed0" / "SYN00.csv").exists()    # through the real loader
 
-    assert baselines.main(TINY_FLAGS + ["--method", "b4", "--data-dir", str(tmp_path),
-                                        "--out", str(tmp_path / "b4")]) == 0
-    b4 = check_market_results(json.loads((tmp_path / "b4" / "results.json").read_text()), "b4")
+    # 10 KB epochs: enough that a KB shared by the symbols (Baseline 1, the
+    # control) changes earlier symbols' predictions, so BWT == 0 is not vacuous.
+    runs = {}
+    for method in ("b4", "b1"):
+        assert baselines.main(TINY_FLAGS + ["--epochs-kb", "10", "--method", method, "--data-dir",
+                                            str(tmp_path), "--out", str(tmp_path / method)]) == 0
+        runs[method] = check_market_results(
+            json.loads((tmp_path / method / "results.json").read_text()), method)
+    b4 = runs["b4"]
     assert b4["bwt_per_label"] == [0.0] * 4 and b4["bwt"] == 0.0       # exactly: one network per symbol
+    assert any(bwt != 0.0 for bwt in runs["b1"]["bwt_per_label"])       # a shared KB does not keep them
     assert b4["parameters"] > mark["parameters"]
     baselines.build_table(tmp_path, "market-synthetic", log=lambda _: None)    # the report's Table 3
     table = (tmp_path / "table.md").read_text()
