@@ -18,6 +18,7 @@ number of epochs and inner steps; only how it is computed differs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -78,6 +79,43 @@ def kb_flops_per_image(model, task, cfg) -> float:
     return counter.get_total_flops() / len(y)
 
 
+@contextlib.contextmanager
+def relu_before_pooling():
+    """The KB's blocks as the paper writes them, maxpool(relu(conv)), while the
+    block runs: mark_min pools first (the same numbers, ReLU on a quarter of
+    the values); this is the way it computed them before, to measure the gain."""
+    original = mm.KnowledgeBase.__dict__["conv_relu_pool"]           # the staticmethod itself
+    mm.KnowledgeBase.conv_relu_pool = staticmethod(lambda conv, h: F.max_pool2d(F.relu(conv(h)), 2))
+    try:
+        yield
+    finally:
+        mm.KnowledgeBase.conv_relu_pool = original
+
+
+def compare_meta_variants(model, task, cfg, gen, query, rounds) -> dict:
+    """One meta-epoch (K = 10 meta-tasks x 40 steps) per way of computing it,
+    interleaved round by round so that a busy machine slows all alike; the
+    median of `rounds` per variant. Same arithmetic in each (tests check it):
+      before:   the loop over meta-tasks with ReLU before pooling, torch's threads
+      pool-first: the loop, pooling before ReLU
+      threads:  pooling first, the meta-tasks in threads of one CPU thread each
+    """
+    variants = {"before": ("loop", relu_before_pooling), "pool-first": ("loop", contextlib.nullcontext),
+                "threads": ("threads", contextlib.nullcontext)}
+    device = task.train.x.device
+    seconds = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (impl, context) in variants.items():
+            with context():
+                s, _ = timed(device, lambda: mm.step4_meta_update(
+                    model, 0, task, mm.dataclasses.replace(cfg, meta_epochs=1, meta_impl=impl), gen, query))
+            seconds[name].append(s)
+            print(f"  meta-epoch, {name:<12s} {s:6.1f} s", flush=True)
+    median = {name: sorted(v)[len(v) // 2] for name, v in seconds.items()}
+    return {"rounds": rounds, "seconds": seconds, "median_s": median,
+            "speedup_vs_before": {name: median["before"] / m for name, m in median.items()}}
+
+
 def measure_what_the_caches_save(model, task, cfg, gen, epochs, meta_epoch_s) -> dict:
     """What two of the optimisations save, measured in the same run.
 
@@ -118,6 +156,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=mm.positive(int), default=None)
     parser.add_argument("--no-channels-last", action="store_true", help="measure the NCHW layout")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--meta-rounds", type=int, default=3,
+                        help="rounds of the side-by-side meta-epoch comparison (0: skip it)")
     args = parser.parse_args(argv)
     device = mm.resolve_device(args.device)
     if args.threads:
@@ -164,6 +204,8 @@ def main(argv=None):
     results["meta_image_passes_per_s"] = passes / seconds
     print(f"  {'meta-epoch':<18s} {seconds:8.1f} s ({passes / seconds:.0f} image-passes/s)", flush=True)
     results["without"] = measure_what_the_caches_save(model, task, cfg, gen, args.epochs, seconds)
+    if args.meta_rounds:
+        results["meta_variants"] = compare_meta_variants(model, task, cfg, gen, query, args.meta_rounds)
 
     flops = kb_flops_per_image(model, task, cfg)
     results["kb_flops_per_image"] = flops
@@ -205,6 +247,11 @@ def print_table(r):
           f"{r['kb_gflops']:.1f} GFLOP/s achieved; a 2048x2048 matmul reaches {r['matmul_gflops']:.1f} "
           f"GFLOP/s ({100 * r['kb_gflops'] / r['matmul_gflops']:.0f}% of it). Peak memory "
           f"{r['peak_memory_mb']:.0f} MB.")
+    if "meta_variants" in r:
+        v = r["meta_variants"]
+        print(f"One meta-epoch, side by side ({v['rounds']} interleaved rounds, medians): "
+              + ", ".join(f"{name} {s:.1f} s ({v['speedup_vs_before'][name]:.2f}x)"
+                          for name, s in v["median_s"].items()))
     w = r["without"]
     print(f"What the caches save: step 3 runs at {w['masks_head_recomputing_ft']['images_per_s']:,.0f} "
           f"images/s with F_t on every batch vs {r['steps']['masks_head']['images_per_s']:,.0f} with F_t "

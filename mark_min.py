@@ -35,6 +35,7 @@ The model: KnowledgeBase, FeatureExtractor, MaskGenerator, MARKNet.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -111,7 +112,7 @@ class Config:
     meta_outer_lr: float = 0.001   # eps; authors: 0.1 x meta rate
     meta_outer_weight_decay: float = 0.1   # authors
     meta_sign: str = "reptile"     # reptile (towards adapted weights) | authors (away)
-    meta_impl: str = "auto"        # loop | vmap | auto (vmap on CUDA, loop on CPU)
+    meta_impl: str = "auto"        # loop | threads | vmap | auto (vmap on CUDA, threads on a multi-core CPU)
     channels_last: bool = True     # memory layout for conv nets; faster on CPU and GPU
     threads: int | None = None     # torch CPU threads (default: torch's choice, one per core)
     deterministic: bool = False    # CUDA: deterministic kernels, so --resume reproduces a run exactly
@@ -209,14 +210,15 @@ class FeatureExtractor(nn.Module):
 
     conv k4 -> BN -> ReLU -> maxpool 2 -> conv k3 -> BN -> ReLU -> maxpool 2
     -> flatten -> linear -> ReLU. For 32x32x3: 32 -> 29 -> 14 -> 12 -> 6,
-    flatten 32*6*6 = 1152 -> 128. 158,528 parameters.
+    flatten 32*6*6 = 1152 -> 128. 158,528 parameters. (ReLU and max-pool run
+    in the other order: the same numbers, see KnowledgeBase.)
     """
 
     def __init__(self, in_shape, channels=(32, 32), kernels=(4, 3), out_dim=128):
         super().__init__()
         c, size, layers = in_shape[0], in_shape[1], []
         for c_out, k in zip(channels, kernels):
-            layers += [nn.Conv2d(c, c_out, k), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(c, c_out, k), nn.BatchNorm2d(c_out), nn.MaxPool2d(2), nn.ReLU()]
             c, size = c_out, conv_pool_size(size, k)
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c * size * size, out_dim)
@@ -233,6 +235,17 @@ class KnowledgeBase(nn.Module):
     then flatten -> linear -> ReLU -> dropout. No padding, no BN. For 32x32x3:
     32 -> 29 -> 14 -> 12 -> 6 -> 5 -> 2, flatten 256*2*2 = 1024 -> 128.
     339,520 parameters. masks=None means "all ones" (no masking).
+
+    The code computes relu(maxpool(conv)): ReLU is monotonic, so it commutes
+    with taking a maximum, and the gradient reaches the same input element
+    either way (a test checks both are bit-identical). Pooling first applies
+    ReLU, and its backward pass, to a quarter of the values: the meta-update
+    runs ~15% faster (bench.py).
+
+    noise: the dropout noise to use instead of nn.Dropout's own draw,
+    bernoulli(1 - p) / (1 - p) of shape (B, latent); the meta-update draws it
+    up front (draw_dropout_noise) so that every way of running the K
+    meta-tasks (one after another, in threads, under vmap) uses the same.
     """
 
     def __init__(self, in_shape, channels=(64, 128, 256), kernels=(4, 3, 2),
@@ -246,14 +259,18 @@ class KnowledgeBase(nn.Module):
         self.fc = nn.Linear(c * size * size, out_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, masks=None):            # x: (B, C, H, W)
+    @staticmethod
+    def conv_relu_pool(conv, h):
+        return F.relu(F.max_pool2d(conv(h), 2))   # = maxpool(relu(conv(h))), see above
+
+    def forward(self, x, masks=None, noise=None):    # x: (B, C, H, W)
         h = x
         for l, conv in enumerate(self.convs):
-            h = F.max_pool2d(F.relu(conv(h)), 2)  # (B, c_l, s_l, s_l)
+            h = self.conv_relu_pool(conv, h)      # (B, c_l, s_l, s_l)
             if masks is not None:
                 h = h * masks[l][:, :, None, None]   # m_l: (B, c_l), one scale per image and channel
         h = F.relu(self.fc(h.flatten(1)))         # (B, latent); the final linear layer is not masked
-        return self.dropout(h)
+        return self.dropout(h) if noise is None else h * noise
 
 
 class MaskGenerator(nn.Module):
@@ -344,13 +361,14 @@ class SequenceKnowledgeBase(nn.Module):
         self.lstms = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in zip(sizes, sizes[1:]))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, seqs, masks=None):        # seqs.x: (B, L, F)
+    def forward(self, seqs, masks=None, noise=None):    # seqs.x: (B, L, F)
         h = trimmed(seqs)
         for l, lstm in enumerate(self.lstms):
             h, _ = lstm(h)                      # (B, L', c_l)
             if masks is not None:
                 h = h * masks[l][:, None, :]    # m_l: (B, c_l), same scale at every time step
-        return self.dropout(last_step(h, seqs.lengths))   # (B, 256)
+        h = last_step(h, seqs.lengths)          # (B, 256)
+        return self.dropout(h) if noise is None else h * noise   # noise: see KnowledgeBase
 
 
 # ---------------------------------------------------------------------------
@@ -740,25 +758,28 @@ def sgd_momentum(params: dict, grads: dict, bufs: dict, lr, momentum, weight_dec
     return {k: p.clone().sub_(lr * bufs[k]) for k, p in params.items()}, bufs
 
 
-def meta_task_loss(model: MARKNet, t, kb: dict, head: dict, x, y, masks):
+def meta_task_loss(model: MARKNet, t, kb: dict, head: dict, x, y, masks, noise):
     """Loss of a KB copy and a head given as plain tensors (name -> tensor):
-    the KB's forward with these weights (torch.func.functional_call), masks fixed."""
-    z = functional_call(model.kb(t), kb, (x, masks))                     # (B, latent)
+    the KB's forward with these weights (torch.func.functional_call), masks
+    fixed, dropout noise given (see draw_dropout_noise)."""
+    z = functional_call(model.kb(t), kb, (x, masks), {"noise": noise})     # (B, latent)
     return model.loss(F.linear(z, head["weight"], head["bias"]), y, t)
 
 
 def meta_task_accuracy(model: MARKNet, t, kb: dict, head: dict, x, y, masks):
+    """acc_i: the adapted copy's accuracy on its batch with dropout off (the KB
+    is in eval mode throughout step 4; our choice, see the README's deviations)."""
     z = functional_call(model.kb(t), kb, (x, masks))
     return (model.predict(F.linear(z, head["weight"], head["bias"])) == y).float().mean()
 
 
-def inner_step(model: MARKNet, t, cfg: Config, kb, head, kb_buf, head_buf, x, y, masks):
+def inner_step(model: MARKNet, t, cfg: Config, kb, head, kb_buf, head_buf, x, y, masks, noise):
     """One inner SGD step of one meta-task: gradient of its loss with respect
     to the KB copy and the head (torch.func.grad), then SGD with momentum at
     the meta rates. A pure function of tensors: adapt() runs it as is for one
     meta-task, or under torch.func.vmap for K at once. The new weights carry
     no autograd history, so memory does not grow with the number of steps."""
-    g_kb, g_head = grad(meta_task_loss, argnums=(2, 3))(model, t, kb, head, x, y, masks)
+    g_kb, g_head = grad(meta_task_loss, argnums=(2, 3))(model, t, kb, head, x, y, masks, noise)
     sgd = partial(sgd_momentum, lr=cfg.meta_inner_lr, momentum=cfg.momentum,
                   weight_decay=cfg.meta_inner_weight_decay)
     kb, kb_buf = sgd(kb, g_kb, kb_buf)
@@ -766,31 +787,97 @@ def inner_step(model: MARKNet, t, cfg: Config, kb, head, kb_buf, head_buf, x, y,
     return kb, head, kb_buf, head_buf
 
 
-def adapt(model: MARKNet, t, cfg: Config, kb: dict, head: dict, x, y, masks, batched=False):
+def draw_dropout_noise(model: MARKNet, cfg: Config, batch_size, device):
+    """The dropout noise of one meta-task's inner steps, (steps, B, latent), or
+    None without dropout. Dropout is active in the inner loop (the authors'
+    code). The noise is what nn.Dropout draws in training mode on the CPU,
+    bernoulli(1 - p) / (1 - p); step 4 draws it for the K meta-tasks in the
+    order a plain loop over them would, so the loop, the threads and vmap give
+    the same numbers, and the same as drawing inside the loop did."""
+    p = cfg.dropout
+    if p == 0:
+        return None
+    # One draw per step, of one step's shape: a single (steps, B, latent) draw
+    # would take other random numbers from the generator.
+    return torch.stack([torch.empty(batch_size, model.kb_out, device=device).bernoulli_(1 - p).div_(1 - p)
+                        for _ in range(cfg.meta_inner_steps)])
+
+
+def adapt(model: MARKNet, t, cfg: Config, kb: dict, head: dict, x, y, masks, noise, batched=False):
     """Adapt a KB copy and a fresh head to one batch: `meta_inner_steps` inner
-    steps (dropout active, as in the authors' code), masks fixed. Returns the
-    adapted KB weights theta_i' and the adapted copy's accuracy acc_i on its
-    batch, measured with dropout off (our choice; the authors' code does not
-    switch it off, see the README's deviations).
+    steps, masks fixed, dropout noise[s] in step s. Returns the adapted KB
+    weights theta_i' and the adapted copy's accuracy acc_i on its batch.
 
     batched=True: every tensor carries a leading dimension of K meta-tasks
-    (kb, head, x, y and masks stacked) and the same inner_step runs under
-    torch.func.vmap: one large computation instead of K small ones (GPU).
-    Dropout then draws different random numbers per meta-task.
+    (kb, head, x, y, masks and noise stacked) and the same inner_step runs
+    under torch.func.vmap: one large computation instead of K small ones (GPU).
     """
     step = partial(inner_step, model, t, cfg)
     accuracy = partial(meta_task_accuracy, model, t)
     if batched:
-        masks_dim = None if masks is None else 0            # masks=None: no masks (Baseline 2)
-        step = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, masks_dim), randomness="different")
+        masks_dim, noise_dim = None if masks is None else 0, None if noise is None else 0
+        step = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, masks_dim, noise_dim))
         accuracy = vmap(accuracy, in_dims=(0, 0, 0, 0, masks_dim))
+        noise = None if noise is None else noise.transpose(0, 1)       # (steps, K, B, latent)
     kb_buf = {k: torch.zeros_like(v) for k, v in kb.items()}
     head_buf = {k: torch.zeros_like(v) for k, v in head.items()}
-    model.kb(t).train()
-    for _ in range(cfg.meta_inner_steps):
-        kb, head, kb_buf, head_buf = step(kb, head, kb_buf, head_buf, x, y, masks)
-    model.kb(t).eval()
+    for s in range(cfg.meta_inner_steps):
+        kb, head, kb_buf, head_buf = step(kb, head, kb_buf, head_buf, x, y, masks,
+                                          None if noise is None else noise[s])
     return kb, accuracy(kb, head, x, y, masks)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to n while the block runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def adapt_all(model: MARKNet, t, cfg: Config, impl, theta, heads, xs, ys, masks, noises):
+    """The K meta-tasks of one outer step: K heads, batches, masks and noises
+    in; K adapted KBs and their K accuracies out. The meta-tasks are
+    independent; every impl gives the same numbers (tests check it):
+      loop     one after another.
+      threads  as many at once as torch has CPU threads, each on one thread
+               (for these small convolutions several one-thread streams beat
+               one multi-thread stream; bench.py measures both).
+      vmap     as one batched computation (torch.func.vmap), for GPUs.
+    """
+    jobs = list(zip(heads, xs, ys, masks, noises))
+    run = lambda job: adapt(model, t, cfg, theta, *job)
+    if impl == "vmap":
+        stack = lambda trees: {k: torch.stack([tree[k] for tree in trees]) for k in trees[0]}
+        maybe = lambda ts: None if ts[0] is None else ts
+        adapted, accs = adapt(model, t, cfg, stack([theta] * len(jobs)), stack(heads),
+                              torch.stack(xs), torch.stack(ys),
+                              maybe(masks) and [torch.stack(m) for m in zip(*masks)],
+                              maybe(noises) and torch.stack(noises), batched=True)
+        return [{k: v[i] for k, v in adapted.items()} for i in range(len(jobs))], accs
+    if impl == "threads":
+        with torch_threads(1) as _, concurrent.futures.ThreadPoolExecutor(
+                cfg.threads or torch.get_num_threads()) as pool:
+            results = list(pool.map(run, jobs))
+    else:
+        results = [run(job) for job in jobs]
+    return [a for a, _ in results], torch.stack([acc for _, acc in results])
+
+
+def resolve_meta_impl(cfg: Config, x) -> str:
+    """--meta-impl auto: vmap on CUDA; threads on a CPU with several threads;
+    else loop. Sequences (MarketCL, data.Sequences) always run the loop: vmap
+    needs plain tensors, and their batches are too small to gain from threads."""
+    if not isinstance(x, torch.Tensor):
+        return "loop"
+    if cfg.meta_impl != "auto":
+        return cfg.meta_impl
+    if x.is_cuda:
+        return "vmap"
+    return "threads" if (cfg.threads or torch.get_num_threads()) > 1 else "loop"
 
 
 @torch.no_grad()
@@ -820,10 +907,8 @@ def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=Non
     kb = model.kb(t)
     x, y = task.train.x, task.train.y
     sign = {"reptile": +1.0, "authors": -1.0}[cfg.meta_sign]
-    impl = cfg.meta_impl if cfg.meta_impl != "auto" else ("vmap" if x.is_cuda else "loop")
-    if not isinstance(x, torch.Tensor):
-        impl = "loop"                  # sequences (data.Sequences) are not vmap-able
-    model.eval()
+    impl = resolve_meta_impl(cfg, x)
+    model.eval()          # F_t, M_t frozen; the inner loop's dropout comes as explicit noise
     for _ in range(cfg.meta_epochs):
         theta = {k: v.detach() for k, v in kb.named_parameters()}
         # The next K mini-batches of the shuffled data (a new pass if needed).
@@ -835,16 +920,9 @@ def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=Non
         masks = [model.masks(x[i], t, None if query is None else query[i]) for i in batches]
         heads = [{k: v.detach() for k, v in model.new_head(task.num_classes).named_parameters()}
                  for _ in batches]
-        if impl == "vmap":
-            stack = lambda trees: {k: torch.stack([tree[k] for tree in trees]) for k in trees[0]}
-            adapted, accs = adapt(model, t, cfg, stack([theta] * cfg.meta_k), stack(heads),
-                                  torch.stack([x[i] for i in batches]), torch.stack([y[i] for i in batches]),
-                                  None if masks[0] is None else [torch.stack(m) for m in zip(*masks)],
-                                  batched=True)
-            adapted = [{k: v[i] for k, v in adapted.items()} for i in range(cfg.meta_k)]
-        else:
-            results = [adapt(model, t, cfg, theta, h, x[i], y[i], m) for i, h, m in zip(batches, heads, masks)]
-            adapted, accs = [a for a, _ in results], torch.stack([acc for _, acc in results])
+        noises = [draw_dropout_noise(model, cfg, len(i), x.device) for i in batches]
+        adapted, accs = adapt_all(model, t, cfg, impl, theta, heads, [x[i] for i in batches],
+                                  [y[i] for i in batches], masks, noises)
         deltas = [{k: a[k] - theta[k] for k in theta} for a in adapted]
         weights = meta_weights(accs)
         apply_meta_step(kb, deltas, weights, sign, cfg.meta_outer_lr, cfg.meta_outer_weight_decay)
@@ -1530,7 +1608,9 @@ FLAG_HELP = {
     "mask_activation": "relu (authors' default) or sigmoid",
     "mask_init": "ones: mask generator bias 1, masks start near all-ones (default, our choice); "
                  "default: PyTorch's init, as the authors",
-    "meta_impl": "loop | vmap | auto (vmap on CUDA)",
+    "meta_impl": "how the K meta-tasks run (same numbers): loop (one after another), threads (two at once, "
+                 "one CPU thread each), vmap (batched, for GPUs); auto: vmap on CUDA, threads on a "
+                 "multi-core CPU, else loop",
     "deterministic": "CUDA: deterministic kernels only (cuDNN, cuBLAS), so a --resume'd run equals an "
                      "uninterrupted one; slower. The CPU is deterministic without it (same thread count)",
     "supsup": "replace the per-task M_t and C_t by one shared SupSup mask generator and head",
@@ -1542,7 +1622,7 @@ CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz", *MARKET_DATASET
            "profile": list(PROFILES), "mask_init": ["ones", "default"],
            "supsup_binarize": ["topk", "sign"],
            "meta_sign": ["reptile", "authors"], "mask_activation": ["relu", "sigmoid"],
-           "meta_impl": ["auto", "loop", "vmap"]}
+           "meta_impl": ["auto", "loop", "threads", "vmap"]}
 
 
 def positive(kind):

@@ -402,20 +402,48 @@ def test_written_out_sgd_equals_torch_optim_sgd():
     torch.testing.assert_close(p1.detach(), p2)
 
 
-def test_vmap_meta_tasks_give_the_same_kb_as_the_loop():
-    """Guard for the batched (GPU) path: same arithmetic, same result."""
-    cfg = tiny_cfg(dropout=0.0, meta_outer_lr=0.5, meta_k=3, meta_inner_steps=3,
-                   channels_last=False)
+@pytest.mark.parametrize("impl", ["threads", "vmap"])
+def test_every_way_of_running_the_meta_tasks_gives_the_loops_kb(impl):
+    """The K meta-tasks in threads (one CPU thread each) give exactly the loop's
+    KB when the loop also runs on one thread; batched under vmap (the GPU path)
+    the same up to float rounding. Dropout on: all three use the same noise."""
+    cfg = tiny_cfg(dropout=0.5, meta_outer_lr=0.5, meta_k=3, meta_inner_steps=3, channels_last=False)
     task = tiny_tasks(T=1, n_train=64)[0]
     results = {}
-    for impl in ("loop", "vmap"):
-        model, gen, q = prepared_model(dataclasses.replace(cfg, meta_impl=impl), task)
+    for name in ("loop", impl):
+        model, gen, q = prepared_model(dataclasses.replace(cfg, meta_impl=name), task)
         before = snapshot(model.kb(0))
-        mm.step4_meta_update(model, 0, task, dataclasses.replace(cfg, meta_impl=impl), gen, q)
-        results[impl] = snapshot(model.kb(0))
+        with mm.torch_threads(1 if name == "loop" else 2):
+            mm.step4_meta_update(model, 0, task, dataclasses.replace(cfg, meta_impl=name), gen, q)
+        results[name] = snapshot(model.kb(0))
     assert kb_changed(before, results["loop"]), "the KB must move, or equality proves nothing"
     for k in results["loop"]:
-        torch.testing.assert_close(results["vmap"][k], results["loop"][k], rtol=1e-4, atol=1e-5)
+        if impl == "threads":
+            assert torch.equal(results[impl][k], results["loop"][k]), k
+        else:
+            torch.testing.assert_close(results[impl][k], results["loop"][k], rtol=1e-4, atol=1e-5)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), channels_last=st.booleans())
+def test_pooling_before_relu_gives_bit_identical_outputs_and_gradients(seed, channels_last):
+    """The KB and F_t compute relu(maxpool(h)) instead of the paper's
+    maxpool(relu(h)): ReLU is monotonic, so both give the same maximum, and
+    the gradient reaches the same input element (or none). Bit for bit."""
+    torch.manual_seed(seed)
+    h = torch.randn(4, 6, 9, 9) * 3
+    h[:, :, :2] = -h[:, :, :2].abs()                    # whole windows at or below 0
+    h[:, :, 2, :] = 0.0                                 # exact zeros and ties
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    out, grads = [], []
+    for f in (lambda v: F.max_pool2d(F.relu(v), 2), lambda v: F.relu(F.max_pool2d(v, 2))):
+        v = h.clone().requires_grad_(True)
+        y = f(v)
+        y.backward(torch.arange(y.numel(), dtype=y.dtype).view_as(y))
+        out.append(y.detach())
+        grads.append(v.grad)
+    assert torch.equal(out[0], out[1]) and torch.equal(grads[0], grads[1])
 
 
 VMAP_PEAK_MEMORY = """
@@ -457,7 +485,7 @@ def test_inner_steps_return_weights_without_autograd_history():
     head = dict(model.new_head(3).named_parameters())
     bufs = [{k: torch.zeros_like(v) for k, v in d.items()} for d in (kb, head)]
     with torch.no_grad():
-        out = mm.inner_step(model, 0, cfg, kb, head, *bufs, x, y, None)
+        out = mm.inner_step(model, 0, cfg, kb, head, *bufs, x, y, None, None)
     for tensors in out:
         assert all(v.grad_fn is None and not v.requires_grad for v in tensors.values())
 
