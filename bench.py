@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -92,26 +94,46 @@ def relu_before_pooling():
         mm.KnowledgeBase.conv_relu_pool = original
 
 
+@contextlib.contextmanager
+def default_malloc():
+    """glibc's default malloc settings while the block runs (mark_min's
+    keep_freed_memory changes them; this measures what that saves)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)                 # M_MMAP_THRESHOLD, glibc's default
+    libc.mallopt(-1, 128 * 1024)                 # M_TRIM_THRESHOLD, glibc's default
+    libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        mm.keep_freed_memory()
+
+
 def compare_meta_variants(model, task, cfg, gen, query, rounds) -> dict:
     """One meta-epoch (K = 10 meta-tasks x 40 steps) per way of computing it,
     interleaved round by round so that a busy machine slows all alike; the
     median of `rounds` per variant. Same arithmetic in each (tests check it):
-      before:   the loop over meta-tasks with ReLU before pooling, torch's threads
-      pool-first: the loop, pooling before ReLU
-      threads:  pooling first, the meta-tasks in threads of one CPU thread each
+      before:     the loop over meta-tasks, ReLU before pooling, glibc's default
+                  malloc, torch's threads (mark_min as it was)
+      pool-first: the same with pooling before ReLU
+      malloc:     the same with freed memory kept for reuse (keep_freed_memory)
+      threads:    all three, and the meta-tasks in threads of one CPU thread each
     """
-    variants = {"before": ("loop", relu_before_pooling), "pool-first": ("loop", contextlib.nullcontext),
-                "threads": ("threads", contextlib.nullcontext)}
+    variants = {"before": ("loop", (relu_before_pooling, default_malloc)),
+                "pool-first": ("loop", (default_malloc,)),
+                "malloc": ("loop", ()),
+                "threads": ("threads", ())}
     device = task.train.x.device
     seconds = {name: [] for name in variants}
     for _ in range(rounds):
-        for name, (impl, context) in variants.items():
-            with context():
+        for name, (impl, contexts) in variants.items():
+            with contextlib.ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context())
                 s, _ = timed(device, lambda: mm.step4_meta_update(
                     model, 0, task, mm.dataclasses.replace(cfg, meta_epochs=1, meta_impl=impl), gen, query))
             seconds[name].append(s)
             print(f"  meta-epoch, {name:<12s} {s:6.1f} s", flush=True)
-    median = {name: sorted(v)[len(v) // 2] for name, v in seconds.items()}
+    median = {name: statistics.median(v) for name, v in seconds.items()}
     return {"rounds": rounds, "seconds": seconds, "median_s": median,
             "speedup_vs_before": {name: median["before"] / m for name, m in median.items()}}
 
@@ -160,6 +182,7 @@ def main(argv=None):
                         help="rounds of the side-by-side meta-epoch comparison (0: skip it)")
     args = parser.parse_args(argv)
     device = mm.resolve_device(args.device)
+    mm.keep_freed_memory()                                  # as every mark_min run does
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
