@@ -7,7 +7,7 @@
 
 A method is only as convincing as what it is compared with. Each method below
 is a different composition of the SAME steps from mark_min.py (definitions:
-MARK_REFERENCE.md section 7); nothing is copied:
+the course report's, Aggarwal & Agarwal); nothing is copied:
 
     method    model                         per task
     mark      KB + F_t, M_t, C_t            steps 1, (2 on task 1), 3, 4, 5
@@ -90,7 +90,7 @@ METHODS = {
 ALIASES = {"1": "b1", "2": "b2", "3": "b3", "4": "b4", "baseline1": "b1", "baseline2": "b2",
            "baseline3": "b3", "baseline4": "b4", "frozen": "ablation"}
 
-# MARK_REFERENCE.md section 9: (acc %, acc std or None, bwt %, source).
+# The paper's and the course report's tables: (acc %, acc std or None, bwt %, source).
 REFERENCE = {
     "cifar100": {"b1": (30.61, 0.904, -34.76, "report"), "b2": (39.62, 0.511, -5.19, "report"),
                  "b2-report": (39.62, 0.511, -5.19, "report"),
@@ -104,7 +104,7 @@ REFERENCE = {
 REFERENCE_EXTRA = {("cifar100", "mark"): (80.36, 0.313, -0.025, "report")}
 
 
-def run_method(cfg, method, overridden=frozenset(), log=print):
+def run_method(cfg, method, overridden=frozenset(), log=mm.log_line):
     description, train_task, model_kwargs = METHODS[method]
     return mm.run_experiment(cfg, method, train_task, model_kwargs, overridden, log=log)
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import mark_min as mm
 from data import DataError, Split, Task, load_tasks
 
-# The authors' code on a 2-core CPU (issue #8): images/s ranges and the middle.
+# The authors' code measured on a 2-core CPU: images/s ranges and the middle.
 AUTHORS = {"feature_extractor": (1190, 1280), "kb_pretrain": (720, 830),
            "masks_head": (580, 640), "consolidation": (605, 640)}
 AUTHORS_META_EPOCH_S = (57, 69, 64)      # min, max, median seconds
@@ -94,45 +94,57 @@ def relu_before_pooling():
         mm.KnowledgeBase.conv_relu_pool = original
 
 
-@contextlib.contextmanager
-def default_malloc():
-    """glibc's default malloc settings while the block runs (mark_min's
-    keep_freed_memory changes them; this measures what that saves)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)                 # M_MMAP_THRESHOLD, glibc's default
-    libc.mallopt(-1, 128 * 1024)                 # M_TRIM_THRESHOLD, glibc's default
-    libc.malloc_trim(0)
-    try:
-        yield
-    finally:
+# The meta-update as it was computed, and each change since, side by side:
+# name -> (--meta-impl, ReLU before pooling, keep freed memory). Same numbers
+# in each (tests check it); only the time differs.
+META_VARIANTS = {
+    "before": ("loop", True, False),         # the loop, the paper's order, glibc's default malloc
+    "pool-first": ("loop", False, False),    # + max-pool before ReLU
+    "malloc": ("loop", False, True),         # + freed memory kept for reuse (mark_min's default now)
+    "threads": ("threads", False, True),     # + the meta-tasks in threads of one CPU thread each
+}
+
+
+def time_meta_variant(args) -> float:
+    """One meta-epoch (K = 10 meta-tasks x 40 steps, batch 128) of the variant
+    args.meta_variant, after a short warm-up. Runs in its own process (see
+    compare_meta_variants)."""
+    impl, relu_first, keep = META_VARIANTS[args.meta_variant]
+    if keep:
         mm.keep_freed_memory()
+    device = mm.resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    task = first_task(args.dataset, args.data_dir, device)
+    cfg = mm.resolve_config(mm.Config(dataset="cifar100", meta_epochs=1, meta_impl=impl))
+    task.train.x = task.train.x.contiguous(memory_format=torch.channels_last)
+    model = mm.build_model(cfg, task.input_shape, [task.num_classes], device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    query = mm.frozen_queries(model, 0, task.train.x)
+    with relu_before_pooling() if relu_first else contextlib.nullcontext():
+        mm.step4_meta_update(model, 0, task, mm.dataclasses.replace(cfg, meta_k=2, meta_inner_steps=5),
+                             gen, query)
+        seconds, _ = timed(device, lambda: mm.step4_meta_update(model, 0, task, cfg, gen, query))
+    return seconds
 
 
-def compare_meta_variants(model, task, cfg, gen, query, rounds) -> dict:
-    """One meta-epoch (K = 10 meta-tasks x 40 steps) per way of computing it,
-    interleaved round by round so that a busy machine slows all alike; the
-    median of `rounds` per variant. Same arithmetic in each (tests check it):
-      before:     the loop over meta-tasks, ReLU before pooling, glibc's default
-                  malloc, torch's threads (mark_min as it was)
-      pool-first: the same with pooling before ReLU
-      malloc:     the same with freed memory kept for reuse (keep_freed_memory)
-      threads:    all three, and the meta-tasks in threads of one CPU thread each
-    """
-    variants = {"before": ("loop", (relu_before_pooling, default_malloc)),
-                "pool-first": ("loop", (default_malloc,)),
-                "malloc": ("loop", ()),
-                "threads": ("threads", ())}
-    device = task.train.x.device
-    seconds = {name: [] for name in variants}
+def compare_meta_variants(args, rounds) -> dict:
+    """Every META_VARIANTS entry, one meta-epoch each, interleaved round by
+    round so that a busy machine slows all alike; the median over rounds.
+    Each measurement runs in a fresh process: once changed, glibc's malloc
+    settings cannot go back to their adaptive defaults in the same process."""
+    command = [sys.executable, __file__, "--device", args.device, "--dataset", args.dataset]
+    command += ["--data-dir", args.data_dir] if args.data_dir else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    seconds = {name: [] for name in META_VARIANTS}
     for _ in range(rounds):
-        for name, (impl, contexts) in variants.items():
-            with contextlib.ExitStack() as stack:
-                for context in contexts:
-                    stack.enter_context(context())
-                s, _ = timed(device, lambda: mm.step4_meta_update(
-                    model, 0, task, mm.dataclasses.replace(cfg, meta_epochs=1, meta_impl=impl), gen, query))
-            seconds[name].append(s)
-            print(f"  meta-epoch, {name:<12s} {s:6.1f} s", flush=True)
+        for name in META_VARIANTS:
+            done = subprocess.run(command + ["--meta-variant", name], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"error: the {name} variant failed:\n{done.stderr}")
+            seconds[name].append(float(done.stdout.split()[-1]))
+            print(f"  meta-epoch, {name:<12s} {seconds[name][-1]:6.1f} s", flush=True)
     median = {name: statistics.median(v) for name, v in seconds.items()}
     return {"rounds": rounds, "seconds": seconds, "median_s": median,
             "speedup_vs_before": {name: median["before"] / m for name, m in median.items()}}
@@ -180,7 +192,13 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--meta-rounds", type=int, default=3,
                         help="rounds of the side-by-side meta-epoch comparison (0: skip it)")
+    parser.add_argument("--meta-variant", choices=list(META_VARIANTS),
+                        help="time one meta-epoch of this variant, print the seconds and exit "
+                             "(compare_meta_variants runs each in its own process)")
     args = parser.parse_args(argv)
+    if args.meta_variant:
+        print(time_meta_variant(args))
+        return 0
     device = mm.resolve_device(args.device)
     mm.keep_freed_memory()                                  # as every mark_min run does
     if args.threads:
@@ -228,7 +246,7 @@ def main(argv=None):
     print(f"  {'meta-epoch':<18s} {seconds:8.1f} s ({passes / seconds:.0f} image-passes/s)", flush=True)
     results["without"] = measure_what_the_caches_save(model, task, cfg, gen, args.epochs, seconds)
     if args.meta_rounds:
-        results["meta_variants"] = compare_meta_variants(model, task, cfg, gen, query, args.meta_rounds)
+        results["meta_variants"] = compare_meta_variants(args, args.meta_rounds)
 
     flops = kb_flops_per_image(model, task, cfg)
     results["kb_flops_per_image"] = flops

@@ -27,8 +27,8 @@ Public interface (course assignments import these names):
                traceback and exits non-zero.
 
 Datasets of load_tasks (the `dataset` argument):
-    "cifar100"  20-Split CIFAR-100, the paper's benchmark (MARK_REFERENCE.md,
-                section 6). Read from <data_dir>/cifar-100-python/, else from
+    "cifar100"  20-Split CIFAR-100, the paper's benchmark (its 20-Split
+                protocol). Read from <data_dir>/cifar-100-python/, else from
                 the official archive in <data_dir>, else downloaded.
     "glyphs"    a small synthetic stand-in for the report's ImageData: 20x20
                 grayscale drawings, 75 classes, 15 tasks. Needs no files.
@@ -87,7 +87,7 @@ DATA_DIR_ENV = "MARK_DATA_DIR"
 # authors' code used 15% (2125 train / 375 validation per CIFAR-100 task).
 VAL_FRACTION = 0.15
 
-# --- CIFAR-100 (MARK_REFERENCE.md, section 6) -------------------------------
+# --- CIFAR-100 (the paper's 20-Split protocol) --------------------------------
 # The official archive, its md5 and what it unpacks to (Krizhevsky's page).
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"

@@ -8,7 +8,7 @@ Learning via Metalearning", NeurIPS 2021 (arXiv:2106.05390).
     python mark_min.py --dataset cifar100 --profile short --out runs/c100
     python mark_min.py --dataset cifar100 --describe   # parameter table, no data needed
     python mark_min.py --dataset market-synthetic      # MarketCL offline, quick profile
-    python mark_min.py --dataset market --source ../shared/data/nse-minute --out runs/nse
+    python mark_min.py --dataset market --source data/nse-minute --out runs/nse   # your minute-bar CSVs
 
 The idea in one paragraph. A continual learner meets tasks one after another
 and must not forget old ones. MARK keeps ONE shared knowledge base (KB): a
@@ -22,7 +22,7 @@ moves by a small Reptile-style meta-update (step 4), which is why old tasks
 are (almost) not forgotten: their F, M and C are never touched again and the
 KB barely moves.
 
-Map from the paper to this file (MARK_REFERENCE.md section 3):
+Map from the paper's training procedure to this file:
     step 1  train F_t with a throwaway head ......... step1_feature_extractor
     step 2  first task only: pre-train the KB ....... step2_pretrain_kb
     step 3  train M_t and C_t, KB frozen ............ step3_masks_and_head
@@ -82,7 +82,7 @@ class Config:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     out: str | None = None         # folder for results.json and checkpoints
     resume: bool = False           # continue from the checkpoints in --out
-    # -- model (authors' layers, MARK_REFERENCE section 2) --------------------
+    # -- model (the authors' code's layers) --------------------------------------
     latent: int = 128              # size of F_t's query and of the KB's output
     kb_channels: tuple = (64, 128, 256)   # authors' code
     kb_kernels: tuple = (4, 3, 2)         # authors' code (CIFAR-100)
@@ -93,7 +93,7 @@ class Config:
     mask_init: str = "ones"        # ones: masks start near 1 (our choice, see MaskGenerator) | default (authors)
     seq_query: int = 64            # sequences: F_t's LSTM size (the report's MarketCL model)
     seq_channels: tuple = (64, 128, 256)  # sequences: the KB's three stacked LSTMs (the report)
-    # -- ordinary training: steps 1, 2, 3, 5 (MARK_REFERENCE section 3) --------
+    # -- ordinary training: steps 1, 2, 3, 5 (the paper; the authors' code) -----
     batch_size: int = 128          # authors
     lr: float = 0.1                # authors, CIFAR-100 (0.01 for MiniImageNet)
     momentum: float = 0.9          # authors
@@ -104,7 +104,7 @@ class Config:
     epochs_masks: int = 50         # step 3, authors
     epochs_consolidate: int = 50   # step 5, authors (the report: 30-40)
     lr_consolidate: float = 0.1    # step 5, authors (the report: 0.05)
-    # -- meta-update: step 4 (MARK_REFERENCE section 4) ------------------------
+    # -- meta-update: step 4 (the paper; the authors' code) ----------------------
     meta_epochs: int = 10          # outer steps per task, authors
     meta_k: int = 10               # meta-tasks per outer step, authors
     meta_inner_steps: int = 40     # SGD steps on one batch per meta-task, authors
@@ -117,7 +117,7 @@ class Config:
     channels_last: bool = True     # memory layout for conv nets; faster on CPU and GPU
     threads: int | None = None     # torch CPU threads (default: torch's choice, one per core)
     deterministic: bool = False    # CUDA: deterministic kernels, so --resume reproduces a run exactly
-    # -- SupSup extension (MARK_REFERENCE section 8) ----------------------------
+    # -- SupSup extension (Wortsman et al. 2020; the course report) -------------
     supsup: bool = False           # one shared M and C with per-task binary supermasks
     supsup_binarize: str = "topk"  # topk (SupSup: keep the top density of |score|) | sign (report: score >= 0)
     supsup_density: float = 0.5    # fraction of weights kept by topk (SupSup's default)
@@ -132,7 +132,7 @@ class Config:
 # shorter run and is labelled as such wherever results are printed or saved.
 PROFILES = {
     "paper": {},
-    # The measured reference run of the authors' code (MARK_REFERENCE section 4):
+    # The schedule of a measured short run of the authors' code:
     # every epoch count / 10 and one meta-epoch.
     "short": dict(epochs_fe=5, epochs_kb=5, epochs_masks=5, epochs_consolidate=5,
                   meta_epochs=1),
@@ -195,7 +195,7 @@ HYPERPARAMETERS = {f.name for f in dataclasses.fields(Config)} - {
 
 
 # ---------------------------------------------------------------------------
-# The model (MARK_REFERENCE section 2)
+# The model (the authors' layers)
 # ---------------------------------------------------------------------------
 
 def conv_pool_size(size: int, kernel: int) -> int:
@@ -320,7 +320,7 @@ class PerTask(nn.ModuleList):
         return self[t]
 
 
-# -- the sequence family (MarketCL, MARK_REFERENCE section 8) ----------------
+# -- the sequence family (MarketCL, the course report) -------------------------
 
 def last_step(h, lengths):
     """h: (B, L, C) -> (B, C), each sequence's output at its TRUE last step.
@@ -374,7 +374,7 @@ class SequenceKnowledgeBase(nn.Module):
 
 # ---------------------------------------------------------------------------
 # SupSup extension: one shared mask generator and head, per-task supermasks
-# (Wortsman et al. 2020; MARK_REFERENCE section 8)
+# (Wortsman et al. 2020, arXiv:2006.14769; the course report)
 # ---------------------------------------------------------------------------
 
 class StraightThrough(torch.autograd.Function):
@@ -658,7 +658,7 @@ def frozen_queries(model: MARKNet, t, x, chunk=1024):
 
 
 # ---------------------------------------------------------------------------
-# The five steps of training one task (MARK_REFERENCE section 3)
+# The five steps of training one task (the paper; the authors' code)
 # ---------------------------------------------------------------------------
 
 def step1_feature_extractor(model: MARKNet, t, task: Task, cfg: Config, gen):
@@ -881,7 +881,7 @@ def resolve_meta_impl(cfg: Config, x) -> str:
 
 @torch.no_grad()
 def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=None):
-    """Step 4. Meta-update of the KB (MARK_REFERENCE section 4).
+    """Step 4. Meta-update of the KB (the paper's metalearning step; the authors' code).
 
     For each of `meta_epochs` outer steps:
       for i = 1..K: take the next mini-batch of the shuffled training data;
@@ -1104,6 +1104,12 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def log_line(*parts):
+    """print, flushed at once: a run's progress reaches a log file (nohup,
+    `> run.log`) as it happens, not in blocks of several kilobytes."""
+    print(*parts, flush=True)
+
+
 class StepTimer:
     """Times named steps and prints each one. CUDA is synchronised once per
     step (not per batch) so the times are real and the hot path stays async."""
@@ -1261,7 +1267,7 @@ def open_results(cfg: Config, method: str, overridden, log, family=""):
 
 
 def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridden=frozenset(),
-                   log=print) -> dict:
+                   log=log_line) -> dict:
     """Run `method` over seeds seed..seed+runs-1; write results.json after every task.
     The market datasets run the day-by-day protocol (run_market_experiment)."""
     if cfg.dataset in MARKET_DATASETS:
@@ -1306,7 +1312,7 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
 
 
 # ---------------------------------------------------------------------------
-# MarketCL: the day-by-day protocol (MARK_REFERENCE section 8, issue 7)
+# MarketCL: the day-by-day protocol of the course report
 # ---------------------------------------------------------------------------
 #
 # Each stock symbol is a task with its own F_t, M_t and C_t; the KB is shared.
@@ -1488,7 +1494,7 @@ def format_market_run(record: dict) -> str:
 
 
 def run_market_experiment(cfg: Config, method: str, train_task, model_kwargs,
-                          overridden=frozenset(), log=print) -> dict:
+                          overridden=frozenset(), log=log_line) -> dict:
     """run_experiment for MarketCL: the same results.json (config, torch,
     device, method, schedule, runs, summary), written after every day, so an
     interruption keeps the finished days. Resume is per seed only: --resume

@@ -12,7 +12,7 @@ NaN, None or anything) and never influence ACC, BWT or forgetting. Internally
 they are replaced by NaN, so a formula that touched them by mistake would
 return NaN instead of a silently wrong number.
 
-The metrics (MARK_REFERENCE.md section 5):
+The metrics (GEM, Lopez-Paz & Ranzato 2017; forgetting: Chaudhry et al. 2018):
 
     ACC = (1/T) * sum_j R[T-1][j]
         average accuracy over all tasks once the last one is learned.

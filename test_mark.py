@@ -2,8 +2,8 @@
 
     python -m pytest -q
 
-No test needs the internet, a GPU (CUDA tests skip without one) or the files
-in ../shared/data: every dataset a test uses is built by the test.
+No test needs the internet, a GPU (CUDA tests skip without one) or any
+downloaded data: every dataset a test uses is built by the test.
 """
 from pathlib import Path
 import baselines
