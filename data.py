@@ -122,6 +122,11 @@ GLYPH_NOISE = 0.15                # std of the additive Gaussian pixel noise
 # --- npz (a user's own images) ----------------------------------------------
 NPZ_FILE = "tasks.npz"            # looked for in data_dir when no path= given
 NPZ_CLASSES_PER_TASK = 2          # our choice: Split-MNIST's 5 tasks x 2
+# The largest image side accepted. The networks have no stride and keep most of
+# the resolution, so memory grows with the image area: at 256 x 256 the KB's
+# first block alone holds 64 x 253 x 253 floats per image, 2 GB for a batch of
+# 128 (4096 x 4096 images would need tens of GB before training starts).
+NPZ_MAX_SIDE = 256
 
 # --- ImageData (the report's dataset, rebuilt from the course's glyph PNGs) --
 # The course's archive of 88 source PNGs and its sha256; the recipe that turns
@@ -443,6 +448,10 @@ def make_tasks(dataset: str, x_train: np.ndarray, y_train: np.ndarray,
             val.append((rows[:n_val], label))
             train.append((rows[n_val:], label))
             test.append((test_rows.get(c, no_rows), label))
+        if not any(len(rows) for rows, _ in test):
+            raise DataError(f"{dataset}: task {t + 1} (classes "
+                            f"{', '.join(str(class_names[c]) for c in ids)}) has no test image; every "
+                            "task is tested after it trains: add test images of its classes")
         tasks.append(Task(
             index=t, class_ids=[int(c) for c in ids],
             class_names=[str(class_names[c]) for c in ids],
@@ -864,7 +873,8 @@ def load_npz(data_dir: Path, *, seed: int, num_tasks: int | None,
     Images: (N, H, W) grayscale, or 4-d with 1 or 3 channels. A 4-d array is
         channels-first (N, C, H, W) when axis 1 has size 1 or 3, otherwise
         channels-last (N, H, W, C) when the last axis has size 1 or 3.
-        uint8 (0..255) or float. Normalised per channel with the mean and std
+        At most NPZ_MAX_SIDE (256) px on a side. uint8 (0..255) or float
+        (finite in float32). Normalised per channel with the mean and std
         of x_train (a uint8 image's /255 cancels out in that normalisation).
     Labels: non-negative integers, any ids (they need not be 0..K-1); every
         test class must occur in training. class_names[id] names class id.
@@ -872,9 +882,17 @@ def load_npz(data_dir: Path, *, seed: int, num_tasks: int | None,
         classes_per_task (default 2), which must divide the number of classes.
     """
     path = Path(path) if path is not None else data_dir / NPZ_FILE
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass the .npz file itself (--path FILE.npz)")
     if not path.is_file():
         raise DataError(f"{path} not found; pass path=FILE (--path FILE) or "
                         f"put your data at {data_dir / NPZ_FILE}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK":          # an .npz is a zip archive; np.load would try it as a pickle
+        raise DataError(f"{path} is not an .npz file (an .npz is a zip archive; this file starts "
+                        f"with {head!r}); write it with np.savez(path, x_train=..., y_train=..., "
+                        "x_test=..., y_test=...)")
     try:
         with np.load(path, allow_pickle=False) as f:   # no pickles: no code
             arrays = {key: f[key] for key in f.files}
@@ -939,8 +957,19 @@ def _npz_images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
                         "(N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3")
     if len(x) == 0:
         raise DataError(f"{path}: {key} holds no images")
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        raise DataError(f"{path}: {key} contains NaN or infinite values")
+    if max(x.shape[2:]) > NPZ_MAX_SIDE:
+        raise DataError(f"{path}: {key} images are {x.shape[2]}x{x.shape[3]} px, larger than the "
+                        f"{NPZ_MAX_SIDE}x{NPZ_MAX_SIDE} accepted: the networks keep most of the "
+                        "resolution, so memory grows with the image area. Resize them (CIFAR-100 "
+                        "is 32x32)")
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{path}: {key} contains NaN or infinite values")
+        largest, float32_max = float(np.abs(x).max()), float(np.finfo(np.float32).max)
+        if largest > float32_max:
+            raise DataError(f"{path}: {key} has values up to {largest:.3g}, beyond float32 "
+                            f"(up to {float32_max:.3g}), in which training computes; "
+                            "rescale the images, e.g. to 0..1")
     return x
 
 

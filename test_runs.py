@@ -1,0 +1,127 @@
+"""test_runs.py: run folders that never mix or lose results, and one clear
+error for every bad input (flags, run files, data).
+
+    python -m pytest -q test_runs.py
+
+Every test reproduces a mistake a careful or a careless user can make and
+checks the outcome: the right result, or one `error:` line that names what is
+wrong, exit code 1 (2 for flags), no traceback, and nothing already computed
+changed. Runs use the tiny stream of test_mark.py (a run takes a fraction of a
+second); nothing here downloads anything.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import baselines
+import mark_min as mm
+from data import DataError, load_tasks, read_market_csv, write_synthetic_market
+from test_mark import tiny_cfg, tiny_tasks
+
+torch.set_num_threads(1)
+
+
+def cli_flags(cfg: mm.Config) -> list[str]:
+    """The flags that give cfg's hyperparameters on the command line, so a
+    command runs exactly tiny_cfg's model and schedule."""
+    flags = []
+    for name in sorted(mm.HYPERPARAMETERS):
+        value, default = getattr(cfg, name), getattr(mm.Config(), name)
+        if value == default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    return flags
+
+
+# tiny_cfg's model with one epoch per step: these tests check run folders and
+# messages, not learning. SAVED is what TINY runs.
+SAVED = tiny_cfg(epochs_fe=1, epochs_kb=1, epochs_masks=1, epochs_consolidate=1)
+TINY = ["--profile", "paper"] + cli_flags(SAVED)
+MARKET = ["--dataset", "market", "--num-tasks", "2", "--num-days", "3", "--profile", "paper",
+          "--seq-query", "8", "--seq-channels", "8", "8", "8", "--epochs-fe", "1", "--epochs-kb", "1",
+          "--epochs-masks", "1", "--epochs-consolidate", "1", "--meta-epochs", "1", "--meta-k", "1",
+          "--meta-inner-steps", "1"]
+
+
+@pytest.fixture
+def tiny_stream(monkeypatch):
+    """The programs load test_mark's tiny stream (3 tasks) instead of a dataset."""
+    monkeypatch.setattr(mm, "load_tasks", lambda name, seed, **kw: tiny_tasks(T=3, seed=seed))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every training step fails the test: the command must stop before training."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained although the command should have stopped before training")
+    monkeypatch.setattr(mm, "fit", refuse)
+
+
+def run(program, argv, capsys):
+    """(exit code, stderr) of a command line; an argparse error is exit code 2."""
+    try:
+        code = program(argv)
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "no error printed"
+    assert lines[-1].startswith("error: ") or ": error: " in lines[-1], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def snapshot(folder) -> dict:
+    """Every file under folder and its bytes (the lock file aside)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != mm.LOCK_FILE}
+
+
+# ---------------------------------------------------------------------------
+# Data the loaders used to accept but training could not use
+# ---------------------------------------------------------------------------
+
+def write_npz(path, size=(20, 20), classes=4, per_class=6, test_classes=None, dtype=np.uint8, value=None):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (classes * per_class, *size)).astype(dtype)
+    if value is not None:
+        x[0, 0, 0] = value
+    test_classes = classes if test_classes is None else test_classes
+    np.savez(path, x_train=x, y_train=np.repeat(np.arange(classes), per_class),
+             x_test=x[:2 * test_classes], y_test=np.repeat(np.arange(test_classes), 2))
+    return path
+
+
+NPZ_PROBLEMS = {
+    # name: (write the file, words of the error)
+    "a task without test images": (lambda p: write_npz(p, test_classes=1), "has no test image"),
+    "images too large": (lambda p: write_npz(p, size=(257, 257), classes=2, per_class=2),
+                         "257x257 px, larger than the 256x256 accepted"),
+    "beyond float32": (lambda p: write_npz(p, dtype=np.float64, value=1e39), "beyond float32"),
+    "a folder": (lambda p: p.mkdir(), "is a folder"),
+    "a text file": (lambda p: p.write_text("x_train,y_train\n"), "is not an .npz file"),
+}
+
+
+@pytest.mark.parametrize("case", list(NPZ_PROBLEMS))
+def test_npz_data_training_cannot_use_is_refused_where_it_is_loaded(tmp_path, case):
+    write, words = NPZ_PROBLEMS[case]
+    path = tmp_path / "data.npz"
+    write(path)
+    with pytest.raises(DataError, match=words):
+        load_tasks("npz", path=path, classes_per_task=2)
