@@ -173,6 +173,8 @@ MARKET_SAMPLES_PER_DAY = 16             # our choice: one sample from each sixte
 MARKET_LABEL_PAIRS = [(0.02, 0.01), (0.01, 0.005), (0.01, 0.02), (0.005, 0.01)]
 MARKET_NUM_CLASSES = 4                  # 0 stop first, 1 ends not above, 2 ends above, 3 target first
 MARKET_EPS = 1e-12                      # a smaller denominator counts as 0 (features are ~1 in scale)
+MARKET_MAX_LINE = 64 * 1024             # bytes per CSV line; a row of minute bars takes under 100
+MARKET_BLOCK = 100_000                  # CSV rows converted to arrays at a time
 
 # The feature columns, in order; market_features defines each.
 MARKET_FEATURE_NAMES = [
@@ -1361,40 +1363,83 @@ def _parse_numbers(path, lines, name: str, text: np.ndarray) -> np.ndarray:
     return values
 
 
+def _csv_lines(path: Path, f):
+    """The lines of the binary file f as text, one at a time. Each line is
+    read with a bound (MARKET_MAX_LINE bytes, its line end included), so a
+    runaway line stops with its number instead of filling the memory, and
+    decoded on its own, so a byte that is not UTF-8 is reported on its line.
+    A UTF-8 byte-order mark (spreadsheets write one) is dropped. Lines end in
+    \\n or \\r\\n; a bare \\r (the old Mac format) is refused."""
+    for number, raw in enumerate(iter(lambda: f.readline(MARKET_MAX_LINE + 1), b""), start=1):
+        if re.search(rb"\r(?=[^\n])", raw):
+            _csv_fail(path, number, "a line ends in a bare carriage return (the old Mac format); "
+                      "save the file with \\n or \\r\\n line ends")
+        if len(raw) > MARKET_MAX_LINE:
+            _csv_fail(path, number, f"longer than {MARKET_MAX_LINE} bytes; a row of minute bars is "
+                      "one short line (is this a CSV file of minute bars?)")
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            _csv_fail(path, number, f"byte {err.start + 1} of the line ({raw[err.start:err.start + 1]!r}) "
+                      "is not UTF-8 text; save the file as UTF-8")
+
+
+def _market_rows(path: Path, text: dict[str, np.ndarray], lines: np.ndarray):
+    """One block of rows as strings per column -> times (N,), ohlcv (N, 5),
+    symbols (N,), every value checked; `lines` names the rows in messages."""
+    times = _parse_times(path, lines, text["datetime"])
+    ohlcv = np.stack([_parse_numbers(path, lines, name, text[name])
+                      for name in MARKET_COLUMNS[2:]], axis=1)         # (N, 5)
+    high, low = ohlcv[:, 1], ohlcv[:, 2]
+    _csv_first_bad(path, lines, high < low,
+                   lambda k: f"the high {text['high'][k]} is below the low {text['low'][k]}")
+    return times, ohlcv, np.char.strip(text["symbol"])
+
+
 def read_market_csv(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read one CSV of minute bars: {symbol: (times (N,) datetime64[m], ohlcv (N, 5) float64)}.
 
     Rows of each symbol keep their file order, which must be strictly
-    increasing in time (no duplicate minute, never backwards).
+    increasing in time (no duplicate minute, never backwards). The file is
+    streamed: read row by row, converted to arrays every MARKET_BLOCK rows.
     """
     path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [name.strip().lower() for name in next(reader, [])]
-        missing = [name for name in MARKET_COLUMNS if name not in header]
-        if missing:
-            _csv_fail(path, 1, f"missing column(s) {', '.join(missing)}; "
-                      f"the header must name {','.join(MARKET_COLUMNS)}")
-        rows, lines = [], []
-        for row in reader:
-            if row:                 # csv yields [] for a blank line
-                rows.append(row)
-                lines.append(reader.line_num)
-    for row, line in zip(rows, lines):
-        if len(row) != len(header):
-            _csv_fail(path, line, f"{len(row)} fields, the header has {len(header)}")
-    if not rows:
-        return {}
-    columns = list(zip(*rows))      # one tuple of strings per header column
-    text = {name: np.array(columns[header.index(name)]) for name in MARKET_COLUMNS}
-    lines = np.array(lines, dtype=object)       # Python ints, for the messages
+    blocks = []                     # (times, ohlcv, symbols, lines) per block of rows
 
-    times = _parse_times(path, lines, text["datetime"])
-    ohlcv = np.stack([_parse_numbers(path, lines, name, text[name])
-                      for name in MARKET_COLUMNS[2:]], axis=1)         # (N, 5)
+    def convert(rows, lines):
+        lines = np.array(lines, dtype=np.int64)
+        text = {name: np.array(column) for name, column in zip(MARKET_COLUMNS, zip(*rows))}
+        blocks.append((*_market_rows(path, text, lines), lines))
+
+    with open(path, "rb") as f:
+        reader = csv.reader(_csv_lines(path, f))
+        try:
+            header = [name.strip().lower() for name in next(reader, [])]
+            missing = [name for name in MARKET_COLUMNS if name not in header]
+            if missing:
+                _csv_fail(path, 1, f"missing column(s) {', '.join(missing)}; "
+                          f"the header must name {','.join(MARKET_COLUMNS)}")
+            wanted = [header.index(name) for name in MARKET_COLUMNS]
+            rows, lines = [], []
+            for row in reader:
+                if not row:             # csv yields [] for a blank line
+                    continue
+                if len(row) != len(header):
+                    _csv_fail(path, reader.line_num, f"{len(row)} fields, the header has {len(header)}")
+                rows.append([row[i] for i in wanted])
+                lines.append(reader.line_num)
+                if len(rows) == MARKET_BLOCK:
+                    convert(rows, lines)
+                    rows, lines = [], []
+        except csv.Error as err:        # e.g. a quoted field over the csv module's size limit
+            _csv_fail(path, reader.line_num, str(err))
+    if rows:
+        convert(rows, lines)
+    if not blocks:
+        return {}
+    times, ohlcv, symbols, lines = (np.concatenate(parts) for parts in zip(*blocks))
 
     bars = {}
-    symbols = np.char.strip(text["symbol"])
     for symbol in np.unique(symbols):
         rows_of_symbol = np.flatnonzero(symbols == symbol)             # file order
         t = times[rows_of_symbol]

@@ -125,3 +125,43 @@ def test_npz_data_training_cannot_use_is_refused_where_it_is_loaded(tmp_path, ca
     write(path)
     with pytest.raises(DataError, match=words):
         load_tasks("npz", path=path, classes_per_task=2)
+
+
+HEADER = "datetime,symbol,open,high,low,close,volume\n"
+ROW = "2021-08-02 09:15:00,NSE:ABC,100,101,99,100.5,10\n"
+NEXT = "2021-08-02 09:16:00,NSE:ABC,{},101,99,100.5,10\n"
+
+CSV_PROBLEMS = {
+    # name: (file bytes, line, words of the error)
+    "not UTF-8": ((HEADER + ROW).encode() + NEXT.format("100").replace("NSE", "N\xffSE").encode("latin-1"),
+                  3, "byte 22 of the line (b'\\xff') is not UTF-8"),
+    "a very long line": ((HEADER + ROW + NEXT.format("1" * 5_000_000)).encode(), 3, "longer than 65536 bytes"),
+    "a quoted field over 128 kB": ((HEADER + ROW + NEXT.format('"' + ("1" * 60_000 + "\n") * 3 + '"')).encode(),
+                                   5, "field larger than field limit"),
+    "high below low": ((HEADER + "2021-08-02 09:15:00,NSE:ABC,100,98,99,100.5,10\n").encode(), 2,
+                       "the high 98 is below the low 99"),
+    "old Mac line ends": ((HEADER + ROW).replace("\n", "\r").encode(), 1, "bare carriage return"),
+}
+
+
+@pytest.mark.parametrize("case", list(CSV_PROBLEMS))
+def test_market_csv_problems_name_file_and_line_in_bounded_memory(tmp_path, case):
+    content, line, words = CSV_PROBLEMS[case]
+    path = tmp_path / "ABC.csv"
+    path.write_bytes(content)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as error:
+            read_market_csv(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"ABC.csv, line {line}: " in str(error.value) and words in str(error.value)
+    assert peak < 2_000_000                 # the 5 MB line is never read whole
+
+
+def test_a_byte_order_mark_from_a_spreadsheet_is_dropped(tmp_path):
+    path = tmp_path / "ABC.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (HEADER + ROW).encode())
+    times, ohlcv = read_market_csv(path)["NSE:ABC"]
+    assert len(times) == 1 and ohlcv[0].tolist() == [100, 101, 99, 100.5, 10]
