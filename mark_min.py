@@ -39,6 +39,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -171,7 +172,11 @@ def resolve_config(cfg: Config, overridden: set[str] = frozenset()) -> Config:
         if key not in overridden:            # an explicit flag beats the profile
             setattr(cfg, key, value)
     for key in EPOCH_FIELDS:
-        setattr(cfg, key, max(1, round(getattr(cfg, key) * cfg.epoch_scale)))
+        scaled = getattr(cfg, key) * cfg.epoch_scale
+        if not math.isfinite(scaled):
+            raise ValueError(f"--epoch-scale {cfg.epoch_scale:g} makes the epoch counts infinite "
+                             f"({key}: {getattr(cfg, key)} x {cfg.epoch_scale:g}); give a smaller scale")
+        setattr(cfg, key, max(1, round(scaled)))
     return cfg
 
 
@@ -204,6 +209,36 @@ def conv_pool_size(size: int, kernel: int) -> int:
     if after_conv < 2:
         raise ValueError(f"input of {size} px is too small for a {kernel}x{kernel} conv + pool")
     return after_conv // 2
+
+
+def smallest_image(kernels) -> int:
+    """The side of the smallest square image a stack of conv + pool blocks with
+    these kernel sizes accepts (4, 3, 2: 19 px; 4, 3: 11 px)."""
+    size = 1
+    while True:
+        try:
+            functools.reduce(conv_pool_size, kernels, size)
+            return size
+        except ValueError:
+            size += 1
+
+
+def check_image_shape(cfg: Config, shape, source: str):
+    """Refuse images the KB and F_t cannot take before a model is built: both
+    assume square inputs, and each conv + pool block needs at least 2 px."""
+    if len(shape) != 3:                      # (L, F): sequences, no such limit
+        return
+    _, height, width = shape
+    if height != width:
+        raise DataError(f"{source}: images are {height}x{width} px; the KB and F_t take square "
+                        "images: crop or pad them to a square")
+    smallest = max(smallest_image(cfg.kb_kernels), smallest_image(cfg.fe_kernels))
+    if height < smallest:
+        raise DataError(f"{source}: images of {height}x{width} px are too small for the KB "
+                        f"(--kb-kernels {' '.join(map(str, cfg.kb_kernels))}) and F_t "
+                        f"(--fe-kernels {' '.join(map(str, cfg.fe_kernels))}): the smallest size "
+                        f"they accept is {smallest}x{smallest} px. Use larger images, or smaller "
+                        "or fewer kernels (with as many --kb-channels / --fe-channels)")
 
 
 class FeatureExtractor(nn.Module):
@@ -1053,14 +1088,27 @@ def evaluate_without_task_id(model: MARKNet, tasks, batch_size=128) -> dict:
 # Runs: seeds, timing, progress, results.json, checkpoints, resume
 # ---------------------------------------------------------------------------
 
+def device_flag(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N of a device torch sees."""
+    if text == "auto":
+        return text
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and (torch.device(text).index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA "
+                                         "device(s) here; use --device cpu or --device auto")
+    return text
+
+
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device; auto: CUDA if torch sees a device, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; "
-                         "use --device cpu or --device auto")
-    return device
+    return torch.device(name)
 
 
 def keep_freed_memory() -> bool:
@@ -1279,6 +1327,7 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
         data_kwargs = {"path": cfg.path} if cfg.path else {}
         tasks = load_tasks(cfg.dataset, data_dir=cfg.data_dir, seed=seed,
                            num_tasks=cfg.num_tasks, device=device, **data_kwargs)
+        check_image_shape(cfg, tasks[0].input_shape, cfg.path or cfg.dataset)
         if cfg.channels_last:
             for task in tasks:
                 for split in (task.train, task.val, task.test):
@@ -1639,11 +1688,13 @@ FLAG_HELP = {
                  "else loop",
     "deterministic": "CUDA: deterministic kernels only (cuDNN, cuBLAS), so a --resume'd run equals an "
                      "uninterrupted one; slower. The CPU is deterministic without it (same thread count)",
+    "device": "auto (CUDA if torch sees a device, else the CPU) | cpu | cuda | cuda:N",
     "supsup": "replace the per-task M_t and C_t by one shared SupSup mask generator and head",
     "supsup_binarize": "topk: SupSup's top-density |score| per layer; sign: the report's score >= 0",
     "infer_task": "after the run (or on a finished run with --resume), also evaluate without the task id "
                   "(two scores: lowest output entropy, nearest class mean of F_t's queries)",
 }
+MAX_SEED = 2**32 - 1          # numpy's RandomState takes seeds 0 .. 2**32 - 1
 CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz", *MARKET_DATASETS],
            "profile": list(PROFILES), "mask_init": ["ones", "default"],
            "supsup_binarize": ["topk", "sign"],
@@ -1683,6 +1734,8 @@ def make_parser(description=None) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=positive(int), nargs="+", **kwargs)
         elif f.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[f.name], **kwargs)
+        elif f.name == "device":
+            parser.add_argument(flag, type=device_flag, **kwargs)
         elif f.name in ("num_tasks", "num_days", "runs", "batch_size", "latent", "threads") or f.name.startswith(("epochs", "meta_k", "meta_inner_steps", "meta_epochs")):
             parser.add_argument(flag, type=positive(int), **kwargs)
         elif kind in (int, float):
@@ -1701,6 +1754,8 @@ def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
         parser.error("--resume needs --out DIR (the folder of the interrupted run)")
     if given.get("dataset") == "npz" and not given.get("path"):
         parser.error("--dataset npz needs --path FILE.npz")
+    if given.get("path") is not None and given.get("dataset") != "npz":
+        parser.error("--path is read by --dataset npz only")
     if given.get("source") is not None and given.get("dataset") != "market":
         parser.error("--source is read by --dataset market only")
     if given.get("num_days") is not None and given.get("dataset") not in MARKET_DATASETS:
@@ -1711,7 +1766,19 @@ def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
         parser.error("--dropout must be in [0, 1)")
     if not 0 < given.get("supsup_density", 0.5) <= 1:
         parser.error("--supsup-density must be in (0, 1]")
-    cfg = resolve_config(Config(**given), overridden=set(given))
+    seed, runs = given.get("seed", 0), given.get("runs", 1)
+    if not 0 <= seed <= MAX_SEED + 1 - runs:
+        parser.error(f"--seed {seed} with --runs {runs} uses seeds {seed}..{seed + runs - 1}; "
+                     f"numpy takes seeds 0..{MAX_SEED}")
+    try:
+        cfg = resolve_config(Config(**given), overridden=set(given))
+    except ValueError as err:
+        parser.error(str(err))
+    for part in ("kb", "fe"):
+        channels, kernels = getattr(cfg, f"{part}_channels"), getattr(cfg, f"{part}_kernels")
+        if len(channels) != len(kernels):
+            parser.error(f"--{part}-channels gives {len(channels)} layer(s) but --{part}-kernels "
+                         f"{len(kernels)}: give one kernel size per layer")
     return cfg, set(given), args
 
 

@@ -93,6 +93,26 @@ def snapshot(folder) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Flags and --out: refused before anything is loaded or trained
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["--epoch-scale", "1e308"], "makes the epoch counts infinite"),
+    (["--seed", "-1"], "numpy takes seeds 0..4294967295"),
+    (["--seed", "4294967296"], "numpy takes seeds 0..4294967295"),
+    (["--seed", "4294967295", "--runs", "2"], "uses seeds 4294967295..4294967296"),
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    (["--path", "x.npz"], "--path is read by --dataset npz only"),
+    (["--kb-channels", "64"], "--kb-channels gives 1 layer(s) but --kb-kernels 3"),
+    (["--fe-kernels", "3"], "--fe-channels gives 2 layer(s) but --fe-kernels 1"),
+])
+def test_bad_flags_are_refused_by_the_parser_with_a_reason(argv, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        mm.parse_config(argv)
+    assert stop.value.code == 2 and words in one_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------
 # Data the loaders used to accept but training could not use
 # ---------------------------------------------------------------------------
 
@@ -105,6 +125,20 @@ def write_npz(path, size=(20, 20), classes=4, per_class=6, test_classes=None, dt
     np.savez(path, x_train=x, y_train=np.repeat(np.arange(classes), per_class),
              x_test=x[:2 * test_classes], y_test=np.repeat(np.arange(test_classes), 2))
     return path
+
+
+@pytest.mark.parametrize("size, words", [
+    ((8, 8), "images of 8x8 px are too small"), ((1, 1), "images of 1x1 px are too small"),
+    ((20, 24), "images are 20x24 px; the KB and F_t take square images")])
+def test_images_the_networks_cannot_take_are_refused_before_training(tmp_path, size, words,
+                                                                    no_training, capsys):
+    path = write_npz(tmp_path / "small.npz", size=size)
+    code, err = run(mm.main, TINY + ["--dataset", "npz", "--path", str(path)], capsys)
+    line = one_error_line(err)
+    assert code == 1 and str(path) in line and words in line
+    if size[0] == size[1]:
+        assert "smallest size they accept is 19x19" in line
+        assert "--kb-kernels 4 3 2" in line and "--fe-kernels 4 3" in line
 
 
 NPZ_PROBLEMS = {
