@@ -125,22 +125,20 @@ def reference_cells(dataset, method):
 
 
 def table_rows(results_by_method: dict, dataset: str) -> list[dict]:
-    """One row per method from its results.json content (fractions in, as metrics wants)."""
+    """One row per method from its results.json content (fractions in, as
+    metrics wants), over its finished runs (mm.summarize, as results.json)."""
     rows = []
     for method, results in results_by_method.items():
-        runs = [r for r in results["runs"] if r.get("acc") is not None
-                and r["tasks_done"] == len(r["acc_matrix"])]
-        if not runs:
+        summary = mm.summarize(results["runs"], METHODS[method][0])
+        if not summary:
             continue
-        acc_mean, acc_std = metrics.mean_std([r["acc"] for r in runs])
-        bwt_mean, _ = metrics.mean_std([r["bwt"] for r in runs])
+        runs = [r for r in results["runs"] if mm.run_finished(r)]
         ref_acc, ref_bwt = reference_cells(dataset, method)
-        rows.append({"method": METHODS[method][0], "acc_mean": acc_mean, "acc_std": acc_std,
-                     "bwt_mean": bwt_mean,
-                     "parameters": f"{runs[0]['parameters']:,d}",
-                     "wall time / run": f"{np.mean([sum(r['task_seconds']) for r in runs]) / 60:.1f} min",
-                     "runs": str(len(runs)),
-                     "reference Acc (std) %": ref_acc, "reference BWT %": ref_bwt})
+        rows.append(summary | {
+            "parameters": f"{runs[0]['parameters']:,d}",
+            "wall time / run": f"{np.mean([sum(r['task_seconds']) for r in runs]) / 60:.1f} min",
+            "runs": str(summary["runs"]),
+            "reference Acc (std) %": ref_acc, "reference BWT %": ref_bwt})
     return rows
 
 

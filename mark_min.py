@@ -1273,14 +1273,20 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
     return record
 
 
-def summarize(runs) -> dict:
-    finished = [r for r in runs if r.get("acc") is not None]
-    if not finished:
-        return {}
-    acc_mean, acc_std = metrics.mean_std([r["acc"] for r in finished])
-    bwt_mean, bwt_std = metrics.mean_std([r["bwt"] for r in finished])
-    return {"acc_mean": acc_mean, "acc_std": acc_std, "bwt_mean": bwt_mean, "bwt_std": bwt_std,
-            "runs": len(finished)}
+def run_finished(run: dict) -> bool:
+    """Whether a run record covers its whole stream: every task of a task list,
+    every training day of MarketCL."""
+    if "days_done" in run:
+        return run["days_done"] == run["training_days"]
+    return run["tasks_done"] == len(run["acc_matrix"])
+
+
+def summarize(runs, method: str) -> dict:
+    """Mean and std of ACC and BWT over the FINISHED runs only: an interrupted
+    run's ACC covers fewer tasks and does not compare. results.json and
+    baselines.py's table both summarise with this; {} while none has finished."""
+    finished = [run for run in runs if run_finished(run)]
+    return metrics.summarize_runs(finished, method) if finished else {}
 
 
 def open_results(cfg: Config, method: str, overridden, log, family=""):
@@ -1309,7 +1315,7 @@ def open_results(cfg: Config, method: str, overridden, log, family=""):
     def save(current=None):
         runs = results["runs"] + ([current] if current else [])
         if results_path:
-            atomic_write_json(results_path, {**results, "runs": runs, "summary": summarize(runs)})
+            atomic_write_json(results_path, {**results, "runs": runs, "summary": summarize(runs, method)})
 
     return device, results, previous, save
 
@@ -1353,7 +1359,7 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
             + metrics.format_matrix(R))
         log(f"[{method} seed {seed}] ACC {100 * record['acc']:.2f}%  BWT {100 * record['bwt']:+.2f}%"
             f"  ({sum(record['task_seconds']) / 60:.1f} min)")
-    results["summary"] = summarize(results["runs"])
+    results["summary"] = summarize(results["runs"], method)
     s = results["summary"]
     log(f"{method}: ACC {100 * s['acc_mean']:.2f} (std {100 * s['acc_std']:.2f}) %, "
         f"BWT {100 * s['bwt_mean']:+.2f} %, over {s['runs']} run(s); {results['schedule']}")
@@ -1553,7 +1559,7 @@ def run_market_experiment(cfg: Config, method: str, train_task, model_kwargs,
     with flush_denormals():
         for seed in range(cfg.seed, cfg.seed + cfg.runs):
             old = previous.get(seed)
-            if old and old.get("days_done") == old.get("training_days", -1):
+            if old and run_finished(old):
                 log(f"[{method} seed {seed}] already finished, skipped")
                 results["runs"].append(old)
                 continue
@@ -1566,7 +1572,7 @@ def run_market_experiment(cfg: Config, method: str, train_task, model_kwargs,
             log(f"[{method} seed {seed}] means over {record['training_days']} days "
                 f"({sum(day['seconds'] for day in record['days']) / 60:.1f} min):\n"
                 + format_market_run(record))
-    results["summary"] = summarize(results["runs"])
+    results["summary"] = summarize(results["runs"], method)
     s = results["summary"]
     log(f"{method}: ACC (mean over labels) {100 * s['acc_mean']:.2f} (std {100 * s['acc_std']:.2f}) %, "
         f"BWT {100 * s['bwt_mean']:+.2f} %, over {s['runs']} run(s); {results['schedule']}")
@@ -1578,8 +1584,7 @@ def market_table(results_by_method: dict, descriptions: dict) -> str:
     over runs), the BWT averaged over labels, and the class balance of each
     label, so a reader can see what chance is. results_by_method: method ->
     results.json content; descriptions: method -> the name to print."""
-    runs = {m: [r for r in res["runs"] if r.get("acc") is not None and r["days_done"] == r["training_days"]]
-            for m, res in results_by_method.items()}
+    runs = {m: [r for r in res["runs"] if run_finished(r)] for m, res in results_by_method.items()}
     runs = {m: rs for m, rs in runs.items() if rs}
     if not runs:
         return "(no finished MarketCL run)"
@@ -1588,11 +1593,12 @@ def market_table(results_by_method: dict, descriptions: dict) -> str:
               + ["BWT % (mean over labels)", "runs", "wall time / run"])
     lines = ["| Method | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
     for m, rs in runs.items():
+        summary = summarize(rs, m)
         acc = np.array([r["acc_per_label"] for r in rs])                       # (runs, P)
         cells = [f"{100 * a:.2f}" + (f" ({100 * sd:.2f})" if len(rs) > 1 else "")
                  for a, sd in zip(acc.mean(0), acc.std(0))]
         minutes = np.mean([sum(day["seconds"] for day in r["days"]) for r in rs]) / 60
-        cells += [f"{100 * np.mean([r['bwt'] for r in rs]):+.3f}", str(len(rs)), f"{minutes:.1f} min"]
+        cells += [f"{100 * summary['bwt_mean']:+.3f}", str(summary["runs"]), f"{minutes:.1f} min"]
         lines.append(f"| {descriptions.get(m, m)} | " + " | ".join(cells) + " |")
     balance = np.array(next(iter(runs.values()))[0]["class_balance"])               # (P, 4)
     lines.append("| class balance % (0 stop / 1 not above / 2 above / 3 target) | "

@@ -93,6 +93,45 @@ def snapshot(folder) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# A run folder of two seeds: seed 0 finished, seed 1 stopped in its second task
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    folder, train = tmp_path_factory.mktemp("runs") / "two_seeds", mm.train_task_mark
+
+    def stop_in_seed1_task2(model, t, task, cfg, gen, timer):
+        if gen.initial_seed() == 1 and t == 1:
+            raise KeyboardInterrupt
+        return train(model, t, task, cfg, gen, timer)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mm, "load_tasks", lambda name, seed, **kw: tiny_tasks(T=3, seed=seed))
+        patch.setattr(mm, "train_task_mark", stop_in_seed1_task2)
+        assert mm.main(TINY + ["--runs", "2", "--out", str(folder)]) == 130
+    return folder
+
+
+@pytest.fixture
+def folder(two_seeds, tmp_path):
+    """A fresh copy of the two-seed folder, for a test to change."""
+    return shutil.copytree(two_seeds, tmp_path / "run")
+
+
+def read(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_summaries_count_finished_runs_only_in_results_json_and_in_the_table(two_seeds):
+    saved = read(two_seeds)
+    done, stopped = saved["runs"]
+    assert (done["tasks_done"], stopped["tasks_done"]) == (3, 1)
+    assert saved["summary"]["runs"] == 1 and saved["summary"]["acc_mean"] == done["acc"]
+    row, = baselines.table_rows({"mark": saved}, "glyphs")
+    assert row["acc_mean"] == saved["summary"]["acc_mean"] and row["runs"] == "1"
+
+
+# ---------------------------------------------------------------------------
 # Flags and --out: refused before anything is loaded or trained
 # ---------------------------------------------------------------------------
 
