@@ -221,28 +221,33 @@ def main(argv=None):
     group.add_argument("--table", metavar="DIR", help="print the table of a finished --all run")
     parser.add_argument("--plot", action="store_true", help="PNG plots per method (needs matplotlib)")
     cfg, overridden, args = mm.parse_config(argv, parser)
-    if args.table:
-        build_table(Path(args.table), cfg.dataset)
-        if args.plot:
-            plot(all_results(Path(args.table)), Path(args.table))
-        return 0
     if args.all and not cfg.out:
         parser.error("--all needs --out DIR (one sub-folder per method, and the table)")
     try:
+        if args.table:
+            build_table(Path(args.table), cfg.dataset)
+            if args.plot:
+                plot(all_results(Path(args.table)), Path(args.table))
+            return 0
         if args.method:
             run_method(cfg, args.method, overridden)
             if args.plot and cfg.out:
                 plot({args.method: Path(cfg.out) / "results.json"}, Path(cfg.out))
             return 0
         out = Path(cfg.out)
-        for method in METHODS:
-            # finished method-seed pairs are skipped: --all always resumes
-            method_cfg = mm.dataclasses.replace(cfg, out=str(out / method), resume=True)
+        # --all always resumes (finished method-seed pairs are skipped) unless
+        # --force; every method's folder is checked before the first one trains.
+        method_cfgs = {method: mm.dataclasses.replace(cfg, out=str(out / method), resume=not cfg.force)
+                       for method in METHODS}
+        for method, method_cfg in method_cfgs.items():
+            mm.prepare_out(out / method)
+            mm.saved_runs(method_cfg, method)
+        for method, method_cfg in method_cfgs.items():
             run_method(method_cfg, method, overridden)
         build_table(out, cfg.dataset)
         if args.plot:
             plot(all_results(out), out)
-    except DataError as err:
+    except (DataError, mm.RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except mm.TrainingDiverged as err:

@@ -131,6 +131,196 @@ def test_summaries_count_finished_runs_only_in_results_json_and_in_the_table(two
     assert row["acc_mean"] == saved["summary"]["acc_mean"] and row["runs"] == "1"
 
 
+def test_every_run_records_its_identity_in_results_json_and_checkpoint(two_seeds):
+    cfg, _, _ = mm.parse_config(TINY)
+    for run in read(two_seeds)["runs"]:
+        assert run["identity"] == mm.run_identity(cfg, "mark", run["seed"])
+        state = torch.load(two_seeds / f"checkpoint_mark_seed{run['seed']}.pt", weights_only=True)
+        assert state["identity"] == run["identity"]
+
+
+WIDER = [*SAVED.kb_channels[:-1], 2 * SAVED.kb_channels[-1]]
+
+
+@pytest.mark.parametrize("change, saved, now", [
+    (["--lr", str(SAVED.lr / 2)], f"--lr {SAVED.lr}", str(SAVED.lr / 2)),
+    (["--epoch-scale", "2"], f"--epochs-kb {SAVED.epochs_kb}", str(2 * SAVED.epochs_kb)),
+    (["--meta-sign", "authors"], "'reptile'", "'authors'"),
+    (["--mask-activation", "sigmoid"], "'relu'", "'sigmoid'"),
+    (["--dataset", "imagedata"], "'glyphs'", "'imagedata'"),
+    (["--num-tasks", "2"], "--num-tasks None", "2"),
+    (["--kb-channels", *map(str, WIDER)], str(list(SAVED.kb_channels)), str(WIDER)),
+])
+def test_resume_with_other_settings_is_refused_naming_each_difference(folder, change, saved, now,
+                                                                     tiny_stream, no_training, capsys):
+    before = snapshot(folder)
+    code, err = run(mm.main, TINY + change + ["--runs", "2", "--out", str(folder), "--resume"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and f"{saved} saved" in line and f"{now} now" in line
+    assert snapshot(folder) == before
+
+
+def test_another_method_cannot_resume_the_folder(folder, tiny_stream, no_training, capsys):
+    code, err = run(baselines.main, TINY + ["--method", "b1", "--out", str(folder), "--resume"], capsys)
+    assert code == 1 and "method 'mark' saved, 'b1' now" in one_error_line(err)
+
+
+def test_a_checkpoint_of_other_settings_is_refused_without_results_json(folder, tiny_stream,
+                                                                       no_training, capsys):
+    (folder / "results.json").unlink()
+    code, err = run(mm.main, TINY + ["--lr", str(SAVED.lr / 2), "--seed", "1", "--out", str(folder),
+                                     "--resume"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "checkpoint_mark_seed1.pt ran with other settings" in line and "--lr" in line
+
+
+def test_resume_of_another_seed_keeps_every_finished_seed(folder, tiny_stream, capsys):
+    seed0 = read(folder)["runs"][0]
+    assert mm.main(TINY + ["--seed", "1", "--out", str(folder), "--resume"]) == 0
+    saved = read(folder)
+    assert [run["seed"] for run in saved["runs"]] == [0, 1]
+    assert saved["runs"][0] == seed0 and saved["runs"][1]["tasks_done"] == 3
+    assert saved["summary"]["runs"] == 2
+
+
+def test_a_folder_holding_a_run_needs_resume_and_force_says_what_it_replaces(folder, tiny_stream,
+                                                                            capsys):
+    before = snapshot(folder)
+    code, err = run(mm.main, TINY + ["--out", str(folder)], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "results.json" in line and "checkpoint_mark_seed0.pt" in line
+    assert "--resume" in line and "--force" in line
+    assert snapshot(folder) == before
+    assert mm.main(TINY + ["--out", str(folder), "--force"]) == 0
+    assert ("--force: replacing checkpoint_mark_seed0.pt, checkpoint_mark_seed1.pt, results.json"
+            in capsys.readouterr().out)
+    assert [run["seed"] for run in read(folder)["runs"]] == [0]
+    assert not (folder / "checkpoint_mark_seed1.pt").exists()
+
+
+def test_a_second_process_cannot_write_into_a_folder_in_use(folder, tiny_stream, no_training, capsys):
+    before = snapshot(folder)
+    with mm.folder_lock(folder):
+        code, err = run(mm.main, TINY + ["--runs", "2", "--out", str(folder), "--resume"], capsys)
+    assert code == 1 and f"being written by another run (process {os.getpid()})" in one_error_line(err)
+    assert snapshot(folder) == before
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    """The lock is the operating system's: a process killed with SIGKILL holds
+    it no longer, and the next run takes it without any clean-up."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(tmp_path / mm.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(mm.RunError, match="being written by another run"):
+            with mm.folder_lock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with mm.folder_lock(tmp_path):
+        pass
+
+
+# ---------------------------------------------------------------------------
+# MarketCL: the same identity check (no checkpoints inside a seed)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def market_run(tmp_path_factory):
+    """A finished MarketCL run of 2 symbols x 2 training days, and its source folder."""
+    root = tmp_path_factory.mktemp("market")
+    write_synthetic_market(root / "bars", seed=0, num_symbols=2, num_days=4)
+    assert mm.main(MARKET + ["--source", str(root / "bars"), "--out", str(root / "run")]) == 0
+    return root
+
+
+@pytest.mark.parametrize("change, saved_now", [
+    (["--num-days", "2"], ("3 saved", "2 now")),
+    (["--epoch-scale", "2"], ("--epochs-fe 1 saved", "2 now")),
+    ("other source", ("bars' saved", "bars2' now")),
+])
+def test_market_resume_with_other_settings_is_refused(market_run, tmp_path, change, saved_now,
+                                                      no_training, capsys):
+    folder = shutil.copytree(market_run / "run", tmp_path / "run")
+    source = market_run / "bars"
+    if change == "other source":
+        source, change = shutil.copytree(source, tmp_path / "bars2"), []
+    before = snapshot(folder)
+    code, err = run(mm.main, MARKET + change + ["--source", str(source), "--out", str(folder),
+                                                "--resume"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and all(words in line for words in saved_now)
+    assert snapshot(folder) == before
+
+
+def test_all_into_a_folder_of_another_dataset_is_refused_before_training(tmp_path, two_seeds,
+                                                                        tiny_stream, no_training, capsys):
+    out = tmp_path / "all"
+    shutil.copytree(two_seeds, out / "mark")
+    code, err = run(baselines.main, TINY + ["--all", "--dataset", "imagedata", "--out", str(out)], capsys)
+    assert code == 1 and "--dataset 'glyphs' saved, 'imagedata' now" in one_error_line(err)
+
+
+# ---------------------------------------------------------------------------
+# Damaged, empty or foreign run files: one error naming the file
+# ---------------------------------------------------------------------------
+
+def legacy_checkpoint(path):
+    state = torch.load(path, weights_only=True)
+    del state["identity"]
+    torch.save(state, path)
+
+
+def checkpoint_of_other_settings(path):
+    state = torch.load(path, weights_only=True)
+    state["identity"]["lr"] = 5 * SAVED.lr
+    torch.save(state, path)
+
+
+def legacy_results(path):
+    results = json.loads(path.read_text())
+    for run in results["runs"]:
+        del run["identity"]
+    path.write_text(json.dumps(results))
+
+
+RUN_FILE_DAMAGE = {
+    # name: (file, how it is changed, words of the error)
+    "empty checkpoint": ("checkpoint_mark_seed1.pt", lambda p: p.write_bytes(b""), "cannot be read"),
+    "cut-off checkpoint": ("checkpoint_mark_seed1.pt",
+                           lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "cannot be read"),
+    "not a checkpoint": ("checkpoint_mark_seed1.pt", lambda p: p.write_text("hello"), "cannot be read"),
+    "foreign checkpoint": ("checkpoint_mark_seed1.pt", lambda p: torch.save({"weights": torch.ones(2)}, p),
+                           "is not a checkpoint of this program"),
+    "old checkpoint": ("checkpoint_mark_seed1.pt", legacy_checkpoint, "before runs recorded their settings"),
+    "another run's checkpoint": ("checkpoint_mark_seed1.pt", checkpoint_of_other_settings,
+                                 f"--lr {5 * SAVED.lr} saved, {SAVED.lr} now"),
+    "empty results": ("results.json", lambda p: p.write_text(""), "cannot be read"),
+    "cut-off results": ("results.json", lambda p: p.write_text(p.read_text()[:300]), "cannot be read"),
+    "results a list": ("results.json", lambda p: p.write_text("[]"), "is not a results.json"),
+    "runs not a list": ("results.json", lambda p: p.write_text('{"runs": 3}'), "is not a results.json"),
+    "run without keys": ("results.json", lambda p: p.write_text('{"runs": [{}]}'), "is not a results.json"),
+    "not UTF-8": ("results.json", lambda p: p.write_bytes(b"\xff\xfe{"), "cannot be read"),
+    "old results": ("results.json", legacy_results, "before runs recorded their settings"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_FILE_DAMAGE))
+def test_damaged_run_files_stop_resume_with_one_error_naming_the_file(folder, case, tiny_stream,
+                                                                      no_training, capsys):
+    name, damage, words = RUN_FILE_DAMAGE[case]
+    damage(folder / name)
+    before = snapshot(folder)
+    code, err = run(mm.main, TINY + ["--runs", "2", "--out", str(folder), "--resume"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and str(folder / name) in line and words in line
+    assert snapshot(folder) == before
+
+
 # ---------------------------------------------------------------------------
 # Flags and --out: refused before anything is loaded or trained
 # ---------------------------------------------------------------------------
@@ -144,11 +334,41 @@ def test_summaries_count_finished_runs_only_in_results_json_and_in_the_table(two
     (["--path", "x.npz"], "--path is read by --dataset npz only"),
     (["--kb-channels", "64"], "--kb-channels gives 1 layer(s) but --kb-kernels 3"),
     (["--fe-kernels", "3"], "--fe-channels gives 2 layer(s) but --fe-kernels 1"),
+    (["--force", "--resume", "--out", "x"], "give one"),
+    (["--force"], "--force needs --out"),
 ])
 def test_bad_flags_are_refused_by_the_parser_with_a_reason(argv, words, capsys):
     with pytest.raises(SystemExit) as stop:
         mm.parse_config(argv)
     assert stop.value.code == 2 and words in one_error_line(capsys.readouterr().err)
+
+
+def a_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    return tmp_path / "file.txt"
+
+
+def under_a_file(tmp_path):
+    return a_file(tmp_path) / "run"
+
+
+def read_only(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):          # root writes anyway
+        pytest.skip("this user can write into a read-only folder")
+    return folder / "run"
+
+
+@pytest.mark.parametrize("make_out, words", [(a_file, "is a file"), (under_a_file, "cannot write to --out"),
+                                             (read_only, "cannot write to --out")])
+def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, make_out, words,
+                                                                 tiny_stream, no_training, capsys):
+    out = make_out(tmp_path)
+    code, err = run(mm.main, TINY + ["--out", str(out)], capsys)
+    line = one_error_line(err)
+    assert code == 1 and str(out) in line and words in line
 
 
 # ---------------------------------------------------------------------------
