@@ -25,7 +25,6 @@ finished method-seed pairs are not run again.
 """
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -146,12 +145,52 @@ def all_results(out: Path) -> dict:
     return {m: out / m / "results.json" for m in METHODS if (out / m / "results.json").exists()}
 
 
-def build_table(out: Path, dataset: str, log=print):
-    """Read OUT/<method>/results.json, print and save table.md and table.json."""
-    found = {m: json.loads(path.read_text()) for m, path in all_results(out).items()}
+def saved_identity(results: dict, run: dict) -> dict:
+    """A run's identity as saved with it. A results.json written before runs
+    recorded their identity has only the configuration of the command that
+    last wrote it, which stands in for it here (a table only reads)."""
+    if "identity" in run:
+        return run["identity"]
+    if "config" not in results:
+        return {}
+    fields = {f.name for f in mm.dataclasses.fields(mm.Config)}
+    config = mm.Config(**{k: v for k, v in results["config"].items() if k in fields})
+    return mm.run_identity(config, results.get("method"), run["seed"])
+
+
+def table_dataset(out: Path, found: dict, expected: str | None) -> str:
+    """The dataset of the runs under OUT, which must all share it and one
+    schedule (every setting but method and seed): a table compares methods on
+    equal terms. `expected` (a --dataset given with --table) must match."""
+    settings = {f"{method} seed {run['seed']}": {k: v for k, v in saved_identity(results, run).items()
+                                                 if k not in ("method", "seed")}
+                for method, results in found.items() for run in results["runs"]}
+    if not settings:
+        raise mm.RunError(f"{out}: the results.json files under it hold no run yet")
+    (first, shared), *others = settings.items()
+    if "dataset" not in shared:
+        raise mm.RunError(f"{out}: the runs of {first} do not say which dataset they ran on "
+                          "(written by an older version); run them again into a new --out")
+    for name, setting in others:
+        if setting != shared:
+            raise mm.RunError(f"{out} mixes runs of different settings, {first} and {name}: "
+                              f"{mm.identity_differences(shared, setting, (first, name))}; "
+                              "put each dataset and schedule in its own folder")
+    if expected and expected != shared["dataset"]:
+        raise mm.RunError(f"the runs under {out} ran on {shared['dataset']}, not {expected}; "
+                          "drop --dataset (the table takes it from the runs)")
+    return shared["dataset"]
+
+
+def build_table(out: Path, dataset: str | None = None, log=print):
+    """Read OUT/<method>/results.json, print and save table.md and table.json.
+    The dataset is the runs' own; `dataset`, if given, must be theirs."""
+    found = {m: mm.read_results(path) for m, path in all_results(out).items()}
     if not found:
-        raise SystemExit(f"error: no OUT/<method>/results.json under {out}; run with --all first")
-    schedule = next(iter(found.values()))["schedule"]
+        raise mm.RunError(f"no OUT/<method>/results.json under {out}; run with --all first")
+    dataset = table_dataset(out, found, dataset)
+    mm.prepare_out(out)                     # table.md and table.json are written there
+    schedule = next(iter(found.values())).get("schedule", "")
     if dataset in mm.MARKET_DATASETS:       # MarketCL: per-label accuracy, the report's Table 3
         rows = None
         table = mm.market_table(found, {m: description for m, (description, _, _) in METHODS.items()})
@@ -181,7 +220,7 @@ def plot(results_paths: dict, out: Path, log=print):
     for method, path in results_paths.items():
         if not path.exists():
             continue
-        run = json.loads(path.read_text())["runs"][0]
+        run = mm.read_results(path)["runs"][0]
         if "acc_matrix" not in run:
             log(f"--plot draws task-list runs; {method}'s MarketCL results are in {path}")
             continue
@@ -225,7 +264,7 @@ def main(argv=None):
         parser.error("--all needs --out DIR (one sub-folder per method, and the table)")
     try:
         if args.table:
-            build_table(Path(args.table), cfg.dataset)
+            build_table(Path(args.table), cfg.dataset if "dataset" in overridden else None)
             if args.plot:
                 plot(all_results(Path(args.table)), Path(args.table))
             return 0

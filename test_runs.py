@@ -257,12 +257,59 @@ def test_market_resume_with_other_settings_is_refused(market_run, tmp_path, chan
     assert snapshot(folder) == before
 
 
+# ---------------------------------------------------------------------------
+# Tables take the dataset and the schedule from the runs
+# ---------------------------------------------------------------------------
+
+def table_folder(tmp_path, two_seeds, **other_method):
+    """OUT/mark holds the two-seed run; OUT/b1 a copy whose identity differs by other_method."""
+    out = tmp_path / "table"
+    shutil.copytree(two_seeds, out / "mark")
+    results = read(two_seeds)
+    for run in results["runs"]:
+        run["identity"] |= {"method": "b1", **other_method}
+    (out / "b1").mkdir()
+    (out / "b1" / "results.json").write_text(json.dumps(results))
+    return out
+
+
+def test_the_table_takes_the_dataset_from_the_runs(tmp_path, two_seeds, capsys):
+    out = table_folder(tmp_path, two_seeds)
+    assert baselines.main(["--table", str(out)]) == 0
+    assert (out / "table.md").read_text().startswith("Dataset glyphs;")
+    before = snapshot(out)
+    code, err = run(baselines.main, ["--table", str(out), "--dataset", "cifar100"], capsys)
+    assert code == 1 and "ran on glyphs, not cifar100" in one_error_line(err)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("other", [{"dataset": "imagedata"}, {"lr": SAVED.lr / 2},
+                                   {"epochs_kb": SAVED.epochs_kb + 1}])
+def test_the_table_refuses_runs_of_different_datasets_or_schedules(tmp_path, two_seeds, other, capsys):
+    out = table_folder(tmp_path, two_seeds, **other)
+    code, err = run(baselines.main, ["--table", str(out)], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "mixes runs of different settings" in line
+    assert not (out / "table.md").exists()
+
+
 def test_all_into_a_folder_of_another_dataset_is_refused_before_training(tmp_path, two_seeds,
                                                                         tiny_stream, no_training, capsys):
     out = tmp_path / "all"
     shutil.copytree(two_seeds, out / "mark")
     code, err = run(baselines.main, TINY + ["--all", "--dataset", "imagedata", "--out", str(out)], capsys)
     assert code == 1 and "--dataset 'glyphs' saved, 'imagedata' now" in one_error_line(err)
+
+
+def test_a_table_of_runs_written_before_identities_takes_the_saved_configuration(tmp_path, two_seeds):
+    out = tmp_path / "old"
+    (out / "mark").mkdir(parents=True)
+    results = read(two_seeds)
+    for run in results["runs"]:
+        del run["identity"]
+    (out / "mark" / "results.json").write_text(json.dumps(results))
+    baselines.build_table(out, log=lambda _: None)
+    assert (out / "table.md").read_text().startswith("Dataset glyphs;")
 
 
 # ---------------------------------------------------------------------------
@@ -319,6 +366,17 @@ def test_damaged_run_files_stop_resume_with_one_error_naming_the_file(folder, ca
     line = one_error_line(err)
     assert code == 1 and str(folder / name) in line and words in line
     assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("case", [case for case, (name, _, _) in RUN_FILE_DAMAGE.items()
+                                  if name == "results.json" and case != "old results"])
+def test_damaged_results_stop_the_table_with_one_error_naming_the_file(tmp_path, two_seeds, case, capsys):
+    _, damage, words = RUN_FILE_DAMAGE[case]
+    shutil.copytree(two_seeds, tmp_path / "mark")
+    damage(tmp_path / "mark" / "results.json")
+    code, err = run(baselines.main, ["--table", str(tmp_path)], capsys)
+    line = one_error_line(err)
+    assert code == 1 and str(tmp_path / "mark" / "results.json") in line and words in line
 
 
 # ---------------------------------------------------------------------------
