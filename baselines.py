@@ -25,7 +25,6 @@ finished method-seed pairs are not run again.
 """
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -125,22 +124,20 @@ def reference_cells(dataset, method):
 
 
 def table_rows(results_by_method: dict, dataset: str) -> list[dict]:
-    """One row per method from its results.json content (fractions in, as metrics wants)."""
+    """One row per method from its results.json content (fractions in, as
+    metrics wants), over its finished runs (mm.summarize, as results.json)."""
     rows = []
     for method, results in results_by_method.items():
-        runs = [r for r in results["runs"] if r.get("acc") is not None
-                and r["tasks_done"] == len(r["acc_matrix"])]
-        if not runs:
+        summary = mm.summarize(results["runs"], METHODS[method][0])
+        if not summary:
             continue
-        acc_mean, acc_std = metrics.mean_std([r["acc"] for r in runs])
-        bwt_mean, _ = metrics.mean_std([r["bwt"] for r in runs])
+        runs = [r for r in results["runs"] if mm.run_finished(r)]
         ref_acc, ref_bwt = reference_cells(dataset, method)
-        rows.append({"method": METHODS[method][0], "acc_mean": acc_mean, "acc_std": acc_std,
-                     "bwt_mean": bwt_mean,
-                     "parameters": f"{runs[0]['parameters']:,d}",
-                     "wall time / run": f"{np.mean([sum(r['task_seconds']) for r in runs]) / 60:.1f} min",
-                     "runs": str(len(runs)),
-                     "reference Acc (std) %": ref_acc, "reference BWT %": ref_bwt})
+        rows.append(summary | {
+            "parameters": f"{runs[0]['parameters']:,d}",
+            "wall time / run": f"{np.mean([sum(r['task_seconds']) for r in runs]) / 60:.1f} min",
+            "runs": str(summary["runs"]),
+            "reference Acc (std) %": ref_acc, "reference BWT %": ref_bwt})
     return rows
 
 
@@ -148,12 +145,52 @@ def all_results(out: Path) -> dict:
     return {m: out / m / "results.json" for m in METHODS if (out / m / "results.json").exists()}
 
 
-def build_table(out: Path, dataset: str, log=print):
-    """Read OUT/<method>/results.json, print and save table.md and table.json."""
-    found = {m: json.loads(path.read_text()) for m, path in all_results(out).items()}
+def saved_identity(results: dict, run: dict) -> dict:
+    """A run's identity as saved with it. A results.json written before runs
+    recorded their identity has only the configuration of the command that
+    last wrote it, which stands in for it here (a table only reads)."""
+    if "identity" in run:
+        return run["identity"]
+    if "config" not in results:
+        return {}
+    fields = {f.name for f in mm.dataclasses.fields(mm.Config)}
+    config = mm.Config(**{k: v for k, v in results["config"].items() if k in fields})
+    return mm.run_identity(config, results.get("method"), run["seed"])
+
+
+def table_dataset(out: Path, found: dict, expected: str | None) -> str:
+    """The dataset of the runs under OUT, which must all share it and one
+    schedule (every setting but method and seed): a table compares methods on
+    equal terms. `expected` (a --dataset given with --table) must match."""
+    settings = {f"{method} seed {run['seed']}": {k: v for k, v in saved_identity(results, run).items()
+                                                 if k not in ("method", "seed")}
+                for method, results in found.items() for run in results["runs"]}
+    if not settings:
+        raise mm.RunError(f"{out}: the results.json files under it hold no run yet")
+    (first, shared), *others = settings.items()
+    if "dataset" not in shared:
+        raise mm.RunError(f"{out}: the runs of {first} do not say which dataset they ran on "
+                          "(written by an older version); run them again into a new --out")
+    for name, setting in others:
+        if setting != shared:
+            raise mm.RunError(f"{out} mixes runs of different settings, {first} and {name}: "
+                              f"{mm.identity_differences(shared, setting, (first, name))}; "
+                              "put each dataset and schedule in its own folder")
+    if expected and expected != shared["dataset"]:
+        raise mm.RunError(f"the runs under {out} ran on {shared['dataset']}, not {expected}; "
+                          "drop --dataset (the table takes it from the runs)")
+    return shared["dataset"]
+
+
+def build_table(out: Path, dataset: str | None = None, log=print):
+    """Read OUT/<method>/results.json, print and save table.md and table.json.
+    The dataset is the runs' own; `dataset`, if given, must be theirs."""
+    found = {m: mm.read_results(path) for m, path in all_results(out).items()}
     if not found:
-        raise SystemExit(f"error: no OUT/<method>/results.json under {out}; run with --all first")
-    schedule = next(iter(found.values()))["schedule"]
+        raise mm.RunError(f"no OUT/<method>/results.json under {out}; run with --all first")
+    dataset = table_dataset(out, found, dataset)
+    mm.prepare_out(out)                     # table.md and table.json are written there
+    schedule = next(iter(found.values())).get("schedule", "")
     if dataset in mm.MARKET_DATASETS:       # MarketCL: per-label accuracy, the report's Table 3
         rows = None
         table = mm.market_table(found, {m: description for m, (description, _, _) in METHODS.items()})
@@ -183,7 +220,7 @@ def plot(results_paths: dict, out: Path, log=print):
     for method, path in results_paths.items():
         if not path.exists():
             continue
-        run = json.loads(path.read_text())["runs"][0]
+        run = mm.read_results(path)["runs"][0]
         if "acc_matrix" not in run:
             log(f"--plot draws task-list runs; {method}'s MarketCL results are in {path}")
             continue
@@ -223,28 +260,33 @@ def main(argv=None):
     group.add_argument("--table", metavar="DIR", help="print the table of a finished --all run")
     parser.add_argument("--plot", action="store_true", help="PNG plots per method (needs matplotlib)")
     cfg, overridden, args = mm.parse_config(argv, parser)
-    if args.table:
-        build_table(Path(args.table), cfg.dataset)
-        if args.plot:
-            plot(all_results(Path(args.table)), Path(args.table))
-        return 0
     if args.all and not cfg.out:
         parser.error("--all needs --out DIR (one sub-folder per method, and the table)")
     try:
+        if args.table:
+            build_table(Path(args.table), cfg.dataset if "dataset" in overridden else None)
+            if args.plot:
+                plot(all_results(Path(args.table)), Path(args.table))
+            return 0
         if args.method:
             run_method(cfg, args.method, overridden)
             if args.plot and cfg.out:
                 plot({args.method: Path(cfg.out) / "results.json"}, Path(cfg.out))
             return 0
         out = Path(cfg.out)
-        for method in METHODS:
-            # finished method-seed pairs are skipped: --all always resumes
-            method_cfg = mm.dataclasses.replace(cfg, out=str(out / method), resume=True)
+        # --all always resumes (finished method-seed pairs are skipped) unless
+        # --force; every method's folder is checked before the first one trains.
+        method_cfgs = {method: mm.dataclasses.replace(cfg, out=str(out / method), resume=not cfg.force)
+                       for method in METHODS}
+        for method, method_cfg in method_cfgs.items():
+            mm.prepare_out(out / method)
+            mm.saved_runs(method_cfg, method)
+        for method, method_cfg in method_cfgs.items():
             run_method(method_cfg, method, overridden)
         build_table(out, cfg.dataset)
         if args.plot:
             plot(all_results(out), out)
-    except DataError as err:
+    except (DataError, mm.RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except mm.TrainingDiverged as err:

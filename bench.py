@@ -183,7 +183,7 @@ def measure_what_the_caches_save(model, task, cfg, gen, epochs, meta_epoch_s) ->
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--device", default="cpu", type=mm.device_flag, help="cpu | cuda | auto")
     parser.add_argument("--dataset", default="cifar100", choices=["cifar100", "random"])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=mm.positive(int), default=2, help="measured epochs per step")

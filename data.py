@@ -122,6 +122,11 @@ GLYPH_NOISE = 0.15                # std of the additive Gaussian pixel noise
 # --- npz (a user's own images) ----------------------------------------------
 NPZ_FILE = "tasks.npz"            # looked for in data_dir when no path= given
 NPZ_CLASSES_PER_TASK = 2          # our choice: Split-MNIST's 5 tasks x 2
+# The largest image side accepted. The networks have no stride and keep most of
+# the resolution, so memory grows with the image area: at 256 x 256 the KB's
+# first block alone holds 64 x 253 x 253 floats per image, 2 GB for a batch of
+# 128 (4096 x 4096 images would need tens of GB before training starts).
+NPZ_MAX_SIDE = 256
 
 # --- ImageData (the report's dataset, rebuilt from the course's glyph PNGs) --
 # The course's archive of 88 source PNGs and its sha256; the recipe that turns
@@ -168,6 +173,8 @@ MARKET_SAMPLES_PER_DAY = 16             # our choice: one sample from each sixte
 MARKET_LABEL_PAIRS = [(0.02, 0.01), (0.01, 0.005), (0.01, 0.02), (0.005, 0.01)]
 MARKET_NUM_CLASSES = 4                  # 0 stop first, 1 ends not above, 2 ends above, 3 target first
 MARKET_EPS = 1e-12                      # a smaller denominator counts as 0 (features are ~1 in scale)
+MARKET_MAX_LINE = 64 * 1024             # bytes per CSV line; a row of minute bars takes under 100
+MARKET_BLOCK = 100_000                  # CSV rows converted to arrays at a time
 
 # The feature columns, in order; market_features defines each.
 MARKET_FEATURE_NAMES = [
@@ -443,6 +450,10 @@ def make_tasks(dataset: str, x_train: np.ndarray, y_train: np.ndarray,
             val.append((rows[:n_val], label))
             train.append((rows[n_val:], label))
             test.append((test_rows.get(c, no_rows), label))
+        if not any(len(rows) for rows, _ in test):
+            raise DataError(f"{dataset}: task {t + 1} (classes "
+                            f"{', '.join(str(class_names[c]) for c in ids)}) has no test image; every "
+                            "task is tested after it trains: add test images of its classes")
         tasks.append(Task(
             index=t, class_ids=[int(c) for c in ids],
             class_names=[str(class_names[c]) for c in ids],
@@ -864,7 +875,8 @@ def load_npz(data_dir: Path, *, seed: int, num_tasks: int | None,
     Images: (N, H, W) grayscale, or 4-d with 1 or 3 channels. A 4-d array is
         channels-first (N, C, H, W) when axis 1 has size 1 or 3, otherwise
         channels-last (N, H, W, C) when the last axis has size 1 or 3.
-        uint8 (0..255) or float. Normalised per channel with the mean and std
+        At most NPZ_MAX_SIDE (256) px on a side. uint8 (0..255) or float
+        (finite in float32). Normalised per channel with the mean and std
         of x_train (a uint8 image's /255 cancels out in that normalisation).
     Labels: non-negative integers, any ids (they need not be 0..K-1); every
         test class must occur in training. class_names[id] names class id.
@@ -872,9 +884,17 @@ def load_npz(data_dir: Path, *, seed: int, num_tasks: int | None,
         classes_per_task (default 2), which must divide the number of classes.
     """
     path = Path(path) if path is not None else data_dir / NPZ_FILE
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass the .npz file itself (--path FILE.npz)")
     if not path.is_file():
         raise DataError(f"{path} not found; pass path=FILE (--path FILE) or "
                         f"put your data at {data_dir / NPZ_FILE}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK":          # an .npz is a zip archive; np.load would try it as a pickle
+        raise DataError(f"{path} is not an .npz file (an .npz is a zip archive; this file starts "
+                        f"with {head!r}); write it with np.savez(path, x_train=..., y_train=..., "
+                        "x_test=..., y_test=...)")
     try:
         with np.load(path, allow_pickle=False) as f:   # no pickles: no code
             arrays = {key: f[key] for key in f.files}
@@ -939,8 +959,19 @@ def _npz_images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
                         "(N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3")
     if len(x) == 0:
         raise DataError(f"{path}: {key} holds no images")
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        raise DataError(f"{path}: {key} contains NaN or infinite values")
+    if max(x.shape[2:]) > NPZ_MAX_SIDE:
+        raise DataError(f"{path}: {key} images are {x.shape[2]}x{x.shape[3]} px, larger than the "
+                        f"{NPZ_MAX_SIDE}x{NPZ_MAX_SIDE} accepted: the networks keep most of the "
+                        "resolution, so memory grows with the image area. Resize them (CIFAR-100 "
+                        "is 32x32)")
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{path}: {key} contains NaN or infinite values")
+        largest, float32_max = float(np.abs(x).max()), float(np.finfo(np.float32).max)
+        if largest > float32_max:
+            raise DataError(f"{path}: {key} has values up to {largest:.3g}, beyond float32 "
+                            f"(up to {float32_max:.3g}), in which training computes; "
+                            "rescale the images, e.g. to 0..1")
     return x
 
 
@@ -1332,40 +1363,83 @@ def _parse_numbers(path, lines, name: str, text: np.ndarray) -> np.ndarray:
     return values
 
 
+def _csv_lines(path: Path, f):
+    """The lines of the binary file f as text, one at a time. Each line is
+    read with a bound (MARKET_MAX_LINE bytes, its line end included), so a
+    runaway line stops with its number instead of filling the memory, and
+    decoded on its own, so a byte that is not UTF-8 is reported on its line.
+    A UTF-8 byte-order mark (spreadsheets write one) is dropped. Lines end in
+    \\n or \\r\\n; a bare \\r (the old Mac format) is refused."""
+    for number, raw in enumerate(iter(lambda: f.readline(MARKET_MAX_LINE + 1), b""), start=1):
+        if re.search(rb"\r(?=[^\n])", raw):
+            _csv_fail(path, number, "a line ends in a bare carriage return (the old Mac format); "
+                      "save the file with \\n or \\r\\n line ends")
+        if len(raw) > MARKET_MAX_LINE:
+            _csv_fail(path, number, f"longer than {MARKET_MAX_LINE} bytes; a row of minute bars is "
+                      "one short line (is this a CSV file of minute bars?)")
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            _csv_fail(path, number, f"byte {err.start + 1} of the line ({raw[err.start:err.start + 1]!r}) "
+                      "is not UTF-8 text; save the file as UTF-8")
+
+
+def _market_rows(path: Path, text: dict[str, np.ndarray], lines: np.ndarray):
+    """One block of rows as strings per column -> times (N,), ohlcv (N, 5),
+    symbols (N,), every value checked; `lines` names the rows in messages."""
+    times = _parse_times(path, lines, text["datetime"])
+    ohlcv = np.stack([_parse_numbers(path, lines, name, text[name])
+                      for name in MARKET_COLUMNS[2:]], axis=1)         # (N, 5)
+    high, low = ohlcv[:, 1], ohlcv[:, 2]
+    _csv_first_bad(path, lines, high < low,
+                   lambda k: f"the high {text['high'][k]} is below the low {text['low'][k]}")
+    return times, ohlcv, np.char.strip(text["symbol"])
+
+
 def read_market_csv(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read one CSV of minute bars: {symbol: (times (N,) datetime64[m], ohlcv (N, 5) float64)}.
 
     Rows of each symbol keep their file order, which must be strictly
-    increasing in time (no duplicate minute, never backwards).
+    increasing in time (no duplicate minute, never backwards). The file is
+    streamed: read row by row, converted to arrays every MARKET_BLOCK rows.
     """
     path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = [name.strip().lower() for name in next(reader, [])]
-        missing = [name for name in MARKET_COLUMNS if name not in header]
-        if missing:
-            _csv_fail(path, 1, f"missing column(s) {', '.join(missing)}; "
-                      f"the header must name {','.join(MARKET_COLUMNS)}")
-        rows, lines = [], []
-        for row in reader:
-            if row:                 # csv yields [] for a blank line
-                rows.append(row)
-                lines.append(reader.line_num)
-    for row, line in zip(rows, lines):
-        if len(row) != len(header):
-            _csv_fail(path, line, f"{len(row)} fields, the header has {len(header)}")
-    if not rows:
-        return {}
-    columns = list(zip(*rows))      # one tuple of strings per header column
-    text = {name: np.array(columns[header.index(name)]) for name in MARKET_COLUMNS}
-    lines = np.array(lines, dtype=object)       # Python ints, for the messages
+    blocks = []                     # (times, ohlcv, symbols, lines) per block of rows
 
-    times = _parse_times(path, lines, text["datetime"])
-    ohlcv = np.stack([_parse_numbers(path, lines, name, text[name])
-                      for name in MARKET_COLUMNS[2:]], axis=1)         # (N, 5)
+    def convert(rows, lines):
+        lines = np.array(lines, dtype=np.int64)
+        text = {name: np.array(column) for name, column in zip(MARKET_COLUMNS, zip(*rows))}
+        blocks.append((*_market_rows(path, text, lines), lines))
+
+    with open(path, "rb") as f:
+        reader = csv.reader(_csv_lines(path, f))
+        try:
+            header = [name.strip().lower() for name in next(reader, [])]
+            missing = [name for name in MARKET_COLUMNS if name not in header]
+            if missing:
+                _csv_fail(path, 1, f"missing column(s) {', '.join(missing)}; "
+                          f"the header must name {','.join(MARKET_COLUMNS)}")
+            wanted = [header.index(name) for name in MARKET_COLUMNS]
+            rows, lines = [], []
+            for row in reader:
+                if not row:             # csv yields [] for a blank line
+                    continue
+                if len(row) != len(header):
+                    _csv_fail(path, reader.line_num, f"{len(row)} fields, the header has {len(header)}")
+                rows.append([row[i] for i in wanted])
+                lines.append(reader.line_num)
+                if len(rows) == MARKET_BLOCK:
+                    convert(rows, lines)
+                    rows, lines = [], []
+        except csv.Error as err:        # e.g. a quoted field over the csv module's size limit
+            _csv_fail(path, reader.line_num, str(err))
+    if rows:
+        convert(rows, lines)
+    if not blocks:
+        return {}
+    times, ohlcv, symbols, lines = (np.concatenate(parts) for parts in zip(*blocks))
 
     bars = {}
-    symbols = np.char.strip(text["symbol"])
     for symbol in np.unique(symbols):
         rows_of_symbol = np.flatnonzero(symbols == symbol)             # file order
         t = times[rows_of_symbol]

@@ -39,6 +39,8 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
+import functools
 import json
 import math
 import os
@@ -82,6 +84,7 @@ class Config:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     out: str | None = None         # folder for results.json and checkpoints
     resume: bool = False           # continue from the checkpoints in --out
+    force: bool = False            # replace the results and checkpoints already in --out
     # -- model (the authors' code's layers) --------------------------------------
     latent: int = 128              # size of F_t's query and of the KB's output
     kb_channels: tuple = (64, 128, 256)   # authors' code
@@ -171,7 +174,11 @@ def resolve_config(cfg: Config, overridden: set[str] = frozenset()) -> Config:
         if key not in overridden:            # an explicit flag beats the profile
             setattr(cfg, key, value)
     for key in EPOCH_FIELDS:
-        setattr(cfg, key, max(1, round(getattr(cfg, key) * cfg.epoch_scale)))
+        scaled = getattr(cfg, key) * cfg.epoch_scale
+        if not math.isfinite(scaled):
+            raise ValueError(f"--epoch-scale {cfg.epoch_scale:g} makes the epoch counts infinite "
+                             f"({key}: {getattr(cfg, key)} x {cfg.epoch_scale:g}); give a smaller scale")
+        setattr(cfg, key, max(1, round(scaled)))
     return cfg
 
 
@@ -190,8 +197,33 @@ def describe_schedule(cfg: Config, overridden=frozenset()) -> str:
 
 HYPERPARAMETERS = {f.name for f in dataclasses.fields(Config)} - {
     "dataset", "data_dir", "path", "source", "num_tasks", "num_days", "profile", "epoch_scale",
-    "seed", "runs", "device", "out", "resume", "meta_impl", "channels_last", "threads", "infer_task",
-    "deterministic"}
+    "seed", "runs", "device", "out", "resume", "force", "meta_impl", "channels_last", "threads",
+    "infer_task", "deterministic"}
+# A run's identity: what its numbers depend on, the hyperparameters and the
+# data (dataset, file or folder, tasks and days kept), plus method and seed.
+# Not in it: where things are (data_dir, out), how they run (device, threads,
+# deterministic, and meta_impl and channels_last, which give the same
+# results), and infer_task, which only adds an evaluation at the end.
+# profile and epoch_scale enter through the epoch counts they resolve to.
+IDENTITY_FIELDS = sorted(HYPERPARAMETERS | {"dataset", "path", "source", "num_tasks", "num_days"})
+
+
+def run_identity(cfg: Config, method: str, seed: int) -> dict:
+    """The identity of one run, as saved in its checkpoint and results.json
+    (JSON types: tuples become lists, a file or folder its absolute path)."""
+    identity = {name: getattr(cfg, name) for name in IDENTITY_FIELDS}
+    for name in ("path", "source"):
+        if identity[name] is not None:
+            identity[name] = str(Path(identity[name]).resolve())
+    return json.loads(json.dumps(identity | {"method": method, "seed": seed}))
+
+
+def identity_differences(a: dict, b: dict, names=("saved", "now")) -> str:
+    """'--lr 0.1 saved, 0.05 now; ...' for every key whose values differ."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return "; ".join(f"{'--' + key.replace('_', '-') if key in fields else key} "
+                     f"{a.get(key)!r} {names[0]}, {b.get(key)!r} {names[1]}"
+                     for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key))
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +236,36 @@ def conv_pool_size(size: int, kernel: int) -> int:
     if after_conv < 2:
         raise ValueError(f"input of {size} px is too small for a {kernel}x{kernel} conv + pool")
     return after_conv // 2
+
+
+def smallest_image(kernels) -> int:
+    """The side of the smallest square image a stack of conv + pool blocks with
+    these kernel sizes accepts (4, 3, 2: 19 px; 4, 3: 11 px)."""
+    size = 1
+    while True:
+        try:
+            functools.reduce(conv_pool_size, kernels, size)
+            return size
+        except ValueError:
+            size += 1
+
+
+def check_image_shape(cfg: Config, shape, source: str):
+    """Refuse images the KB and F_t cannot take before a model is built: both
+    assume square inputs, and each conv + pool block needs at least 2 px."""
+    if len(shape) != 3:                      # (L, F): sequences, no such limit
+        return
+    _, height, width = shape
+    if height != width:
+        raise DataError(f"{source}: images are {height}x{width} px; the KB and F_t take square "
+                        "images: crop or pad them to a square")
+    smallest = max(smallest_image(cfg.kb_kernels), smallest_image(cfg.fe_kernels))
+    if height < smallest:
+        raise DataError(f"{source}: images of {height}x{width} px are too small for the KB "
+                        f"(--kb-kernels {' '.join(map(str, cfg.kb_kernels))}) and F_t "
+                        f"(--fe-kernels {' '.join(map(str, cfg.fe_kernels))}): the smallest size "
+                        f"they accept is {smallest}x{smallest} px. Use larger images, or smaller "
+                        "or fewer kernels (with as many --kb-channels / --fe-channels)")
 
 
 class FeatureExtractor(nn.Module):
@@ -1053,14 +1115,27 @@ def evaluate_without_task_id(model: MARKNet, tasks, batch_size=128) -> dict:
 # Runs: seeds, timing, progress, results.json, checkpoints, resume
 # ---------------------------------------------------------------------------
 
+def device_flag(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N of a device torch sees."""
+    if text == "auto":
+        return text
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and (torch.device(text).index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA "
+                                         "device(s) here; use --device cpu or --device auto")
+    return text
+
+
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device; auto: CUDA if torch sees a device, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; "
-                         "use --device cpu or --device auto")
-    return device
+    return torch.device(name)
 
 
 def keep_freed_memory() -> bool:
@@ -1160,7 +1235,8 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
     checkpoint (model, R, times, random generator states) are written, so an
     interruption loses at most the task in progress. With cfg.resume the run
     continues from the checkpoint and ends with exactly the results of an
-    uninterrupted run (same seed, same device).
+    uninterrupted run (same seed, same device). The checkpoint and the
+    record carry the run's identity; a checkpoint of another run is refused.
     """
     T = len(tasks)
     seed_everything(seed)
@@ -1169,13 +1245,19 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
                         labels=labels, **model_kwargs)
     gen = torch.Generator(device=device).manual_seed(seed)
     R = np.full((T, T), np.nan)
-    record = {"seed": seed, "method": method, "tasks_done": 0,
+    identity = run_identity(cfg, method, seed)
+    record = {"seed": seed, "method": method, "identity": identity, "tasks_done": 0,
               "parameters": sum(p.numel() for p in model.parameters()),
               "task_seconds": [], "step_seconds": []}
     ckpt = checkpoint_path(out, method, seed) if out else None
     if cfg.resume and ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])           # copied onto the model's device
+        state = read_checkpoint(ckpt, identity)
+        try:
+            model.load_state_dict(state["model"])       # copied onto the model's device
+        except RuntimeError:
+            raise RunError(f"{ckpt} does not fit the model built from the data as it is now (same "
+                           f"settings, so the data changed since the run started). Delete it to "
+                           f"train seed {seed} again from its first task, or use another --out") from None
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in state:
@@ -1206,7 +1288,7 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
         if ckpt:
             state = {"model": model.state_dict(), "generator": gen.get_state(),
                      "torch_rng": torch.get_rng_state(), "R": torch.from_numpy(R),
-                     "record": json.dumps(record)}
+                     "record": json.dumps(record), "identity": identity}
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(device)
             torch.save(state, ckpt.with_suffix(".tmp"))
@@ -1225,45 +1307,200 @@ def run_seed(cfg: Config, method: str, seed: int, tasks, train_task, model_kwarg
     return record
 
 
-def summarize(runs) -> dict:
-    finished = [r for r in runs if r.get("acc") is not None]
-    if not finished:
+def run_finished(run: dict) -> bool:
+    """Whether a run record covers its whole stream: every task of a task list,
+    every training day of MarketCL."""
+    if "days_done" in run:
+        return run["days_done"] == run["training_days"]
+    return run["tasks_done"] == len(run["acc_matrix"])
+
+
+def summarize(runs, method: str) -> dict:
+    """Mean and std of ACC and BWT over the FINISHED runs only: an interrupted
+    run's ACC covers fewer tasks and does not compare. results.json and
+    baselines.py's table both summarise with this; {} while none has finished."""
+    finished = [run for run in runs if run_finished(run)]
+    return metrics.summarize_runs(finished, method) if finished else {}
+
+
+# -- the run folder (--out): checked before training, locked while written ---
+
+class RunError(Exception):
+    """A problem with the run folder (--out) or a file in it. The message names
+    the file and says what to do; nothing in the folder has been changed."""
+
+
+RESULTS_FILE = "results.json"
+LOCK_FILE = ".lock"
+CHECKPOINT_KEYS = {"model", "generator", "torch_rng", "R", "record"}
+# Keys of every run record, and of a task-list run or of a MarketCL run.
+RUN_KEYS = {"seed", "acc", "bwt", "parameters"}
+RUN_KINDS = ({"tasks_done", "acc_matrix", "task_seconds"}, {"days_done", "training_days", "days"})
+
+
+def read_results(path: Path) -> dict:
+    """A results.json, checked to be one this program wrote (a JSON object with
+    a list of run records); anything else is a RunError naming the file."""
+    fix = "Move it aside (its runs cannot be used) or choose another --out"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"{path} cannot be read ({err}); it was probably cut off while being "
+                       f"written. {fix}") from None
+    runs = results.get("runs") if isinstance(results, dict) else None
+    if not (isinstance(runs, list) and all(
+            isinstance(run, dict) and RUN_KEYS <= set(run) and isinstance(run["seed"], int)
+            and any(kind <= set(run) for kind in RUN_KINDS) for run in runs)):
+        raise RunError(f"{path} is not a results.json of this program (a list of runs, each with "
+                       f"{', '.join(sorted(RUN_KEYS))} and its tasks or days). {fix}")
+    return results
+
+
+def check_identity(saved: dict | None, wanted: dict, where):
+    """Refuse to continue (or merge with) a run saved with another identity."""
+    if saved is None:
+        raise RunError(f"{where} was written before runs recorded their settings, so they cannot be "
+                       "checked against this command; start again in a new --out")
+    if saved != wanted:
+        raise RunError(f"{where} ran with other settings than this command: "
+                       f"{identity_differences(saved, wanted)}. Give the saved settings to continue "
+                       "it, or use another --out")
+
+
+def read_checkpoint(path: Path, identity: dict) -> dict:
+    """The checkpoint of the run `identity`, or a RunError naming the file
+    (damaged, empty, another program's, or another run's)."""
+    fix = f"Delete it to train seed {identity['seed']} again from its first task, or use another --out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:     # a damaged file: RuntimeError, EOFError, UnpicklingError, ...
+        raise RunError(f"{path} cannot be read ({type(err).__name__}): it is damaged or not a "
+                       f"checkpoint. {fix}") from None
+    if not (isinstance(state, dict) and CHECKPOINT_KEYS <= set(state)):
+        raise RunError(f"{path} is not a checkpoint of this program. {fix}")
+    check_identity(state.get("identity"), identity, path)
+    return state
+
+
+def prepare_out(out: Path):
+    """Create --out and prove it writable (a probe file written and removed),
+    so that a bad folder stops the run before anything trains."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; --out takes a folder")
+    probe = out / f".probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"cannot write to --out {out} ({err.strerror or err}); "
+                       "give a folder you can write to") from None
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path):
+    """Hold OUT/.lock while this process writes into OUT: another run started
+    meanwhile is refused, so two runs cannot overwrite each other's
+    results.json. An flock rather than a lock file that exists while a run
+    lives: the operating system releases it when the process ends, however it
+    ends (Ctrl-C, a crash, SIGKILL), so there is no stale lock to detect or
+    clean up. (fcntl: Linux and macOS.)"""
+    with open(out / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RunError(f"{out} is being written by another run (process "
+                           f"{lock.read().strip() or '?'}); wait for it to end, or use another "
+                           "--out") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def saved_runs(cfg: Config, method: str) -> dict:
+    """The runs --out already holds, by seed, checked against this command.
+
+    A folder that holds anything needs --resume (or --force, which replaces
+    its results). With --resume, every saved run, of every seed, must have
+    this command's identity (results.json merges runs by seed, so one of
+    another identity would mix two configurations), and so must the
+    checkpoint of every seed this command runs. Reads only."""
+    out = Path(cfg.out)
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if not held or cfg.force:
         return {}
-    acc_mean, acc_std = metrics.mean_std([r["acc"] for r in finished])
-    bwt_mean, bwt_std = metrics.mean_std([r["bwt"] for r in finished])
-    return {"acc_mean": acc_mean, "acc_std": acc_std, "bwt_mean": bwt_mean, "bwt_std": bwt_std,
-            "runs": len(finished)}
+    if not cfg.resume:
+        raise RunError(f"{out} already holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}; "
+                       "add --resume to continue its runs, --force to replace its results and "
+                       "checkpoints, or choose a new --out")
+    runs = {}
+    if (out / RESULTS_FILE).exists():
+        for run in read_results(out / RESULTS_FILE)["runs"]:
+            check_identity(run.get("identity"), run_identity(cfg, method, run["seed"]),
+                           f"{out / RESULTS_FILE} (seed {run['seed']})")
+            runs[run["seed"]] = run
+    for seed in range(cfg.seed, cfg.seed + cfg.runs):
+        if checkpoint_path(out, method, seed).exists():
+            read_checkpoint(checkpoint_path(out, method, seed), run_identity(cfg, method, seed))
+    return runs
 
 
+def replace_run_files(out: Path, log):
+    """--force: remove the results.json and checkpoints (and their partial
+    writes) an earlier run left in --out, and say which."""
+    old = sorted([*out.glob(RESULTS_FILE + "*"), *out.glob("checkpoint_*")])
+    if old:
+        log(f"--force: replacing {', '.join(path.name for path in old)} in {out}")
+    for path in old:
+        path.unlink()
+
+
+@contextlib.contextmanager
 def open_results(cfg: Config, method: str, overridden, log, family=""):
     """What both run loops (task lists and MarketCL) start with: the device,
-    the results dict of results.json, the runs a --resume finds in --out, and
-    save(current_run), which writes results.json atomically."""
+    the results dict of results.json, the runs --resume finds in --out (by
+    seed), and save(run), which merges a run into the results by seed and
+    writes results.json atomically. A seed this command does not run keeps
+    its saved run. --out is created and checked before anything trains, and
+    locked until the loop ends."""
     device = resolve_device(cfg.device)
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
         use_deterministic_kernels()
-    results_path = Path(cfg.out) / "results.json" if cfg.out else None
-    previous = {}
-    if results_path:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and results_path.exists():
-            previous = {r["seed"]: r for r in json.loads(results_path.read_text()).get("runs", [])}
+    out = Path(cfg.out) if cfg.out else None
     results = {"method": method, "schedule": describe_schedule(cfg, overridden),
                "config": dataclasses.asdict(cfg), "torch": torch.__version__,
                "device": str(device), "runs": [], "summary": {}}
-    log(f"{method} on {cfg.dataset}{f' ({family})' if family else ''}, device {device}, "
-        f"torch {torch.__version__}")
-    log(results["schedule"])
+    with contextlib.ExitStack() as stack:
+        previous = {}
+        if out:
+            prepare_out(out)
+            stack.enter_context(folder_lock(out))
+            previous = saved_runs(cfg, method)
+            if cfg.force:
+                replace_run_files(out, log)
+        log(f"{method} on {cfg.dataset}{f' ({family})' if family else ''}, device {device}, "
+            f"torch {torch.__version__}")
+        log(results["schedule"])
+        runs_by_seed = dict(previous)
 
-    def save(current=None):
-        runs = results["runs"] + ([current] if current else [])
-        if results_path:
-            atomic_write_json(results_path, {**results, "runs": runs, "summary": summarize(runs)})
+        def merge(run=None):
+            if run:
+                runs_by_seed[run["seed"]] = run
+            results["runs"] = [runs_by_seed[seed] for seed in sorted(runs_by_seed)]
+            results["summary"] = summarize(results["runs"], method)
 
-    return device, results, previous, save
+        def save(run=None):
+            merge(run)
+            if out:
+                atomic_write_json(out / RESULTS_FILE, results)
+
+        merge()
+        yield device, results, previous, save
 
 
 def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridden=frozenset(),
@@ -1272,39 +1509,37 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
     The market datasets run the day-by-day protocol (run_market_experiment)."""
     if cfg.dataset in MARKET_DATASETS:
         return run_market_experiment(cfg, method, train_task, model_kwargs, overridden, log)
-    device, results, previous, save = open_results(cfg, method, overridden, log)
     out = Path(cfg.out) if cfg.out else None
-    for seed in range(cfg.seed, cfg.seed + cfg.runs):
-        old = previous.get(seed)
-        data_kwargs = {"path": cfg.path} if cfg.path else {}
-        tasks = load_tasks(cfg.dataset, data_dir=cfg.data_dir, seed=seed,
-                           num_tasks=cfg.num_tasks, device=device, **data_kwargs)
-        if cfg.channels_last:
-            for task in tasks:
-                for split in (task.train, task.val, task.test):
-                    if isinstance(split.x, torch.Tensor) and split.x.dim() == 4:   # images: NHWC in memory
-                        split.x = split.x.contiguous(memory_format=torch.channels_last)
-        if old and old.get("tasks_done") == len(tasks):
-            # A finished run is not trained again. With --infer-task and no
-            # task-agnostic result yet, its last checkpoint is evaluated
-            # (run_seed resumes after the last task and trains nothing).
-            ckpt = checkpoint_path(out, method, seed)
-            wants_agnostic = cfg.infer_task and "task_agnostic" not in old
-            if not (wants_agnostic and ckpt.exists()):
-                log(f"[{method} seed {seed}] already finished, skipped"
-                    + (f" (no {ckpt.name} to evaluate without the task id)" if wants_agnostic else ""))
-                results["runs"].append(old)
-                continue
-        record = run_seed(cfg, method, seed, tasks, train_task, model_kwargs, device, out, log,
-                          on_task_done=save)
-        results["runs"].append(record)
-        save()
-        R = np.array([[np.nan if v is None else v for v in row] for row in record["acc_matrix"]])
-        log(f"[{method} seed {seed}] accuracy matrix (%), row i = after task i:\n"
-            + metrics.format_matrix(R))
-        log(f"[{method} seed {seed}] ACC {100 * record['acc']:.2f}%  BWT {100 * record['bwt']:+.2f}%"
-            f"  ({sum(record['task_seconds']) / 60:.1f} min)")
-    results["summary"] = summarize(results["runs"])
+    with open_results(cfg, method, overridden, log) as (device, results, previous, save):
+        for seed in range(cfg.seed, cfg.seed + cfg.runs):
+            old = previous.get(seed)
+            if old and run_finished(old):
+                # A finished run is not trained again. With --infer-task and no
+                # task-agnostic result yet, its last checkpoint is evaluated
+                # (run_seed resumes after the last task and trains nothing).
+                ckpt = checkpoint_path(out, method, seed)
+                wants_agnostic = cfg.infer_task and "task_agnostic" not in old
+                if not (wants_agnostic and ckpt.exists()):
+                    log(f"[{method} seed {seed}] already finished, skipped"
+                        + (f" (no {ckpt.name} to evaluate without the task id)" if wants_agnostic else ""))
+                    continue
+            data_kwargs = {"path": cfg.path} if cfg.path else {}
+            tasks = load_tasks(cfg.dataset, data_dir=cfg.data_dir, seed=seed,
+                               num_tasks=cfg.num_tasks, device=device, **data_kwargs)
+            check_image_shape(cfg, tasks[0].input_shape, cfg.path or cfg.dataset)
+            if cfg.channels_last:
+                for task in tasks:
+                    for split in (task.train, task.val, task.test):
+                        if isinstance(split.x, torch.Tensor) and split.x.dim() == 4:   # images: NHWC in memory
+                            split.x = split.x.contiguous(memory_format=torch.channels_last)
+            record = run_seed(cfg, method, seed, tasks, train_task, model_kwargs, device, out, log,
+                              on_task_done=save)
+            save(record)
+            R = np.array([[np.nan if v is None else v for v in row] for row in record["acc_matrix"]])
+            log(f"[{method} seed {seed}] accuracy matrix (%), row i = after task i:\n"
+                + metrics.format_matrix(R))
+            log(f"[{method} seed {seed}] ACC {100 * record['acc']:.2f}%  BWT {100 * record['bwt']:+.2f}%"
+                f"  ({sum(record['task_seconds']) / 60:.1f} min)")
     s = results["summary"]
     log(f"{method}: ACC {100 * s['acc_mean']:.2f} (std {100 * s['acc_std']:.2f}) %, "
         f"BWT {100 * s['bwt_mean']:+.2f} %, over {s['runs']} run(s); {results['schedule']}")
@@ -1429,7 +1664,8 @@ def run_market_seed(cfg: Config, method: str, seed: int, stream: MarketStream, t
                         labels=P, **model_kwargs)
     gen = torch.Generator(device=device).manual_seed(seed)
     D = len(stream.days) - 1                        # training days; the last day is only tested
-    record = {"seed": seed, "method": method, "days_done": 0, "training_days": D,
+    record = {"seed": seed, "method": method, "identity": run_identity(cfg, method, seed),
+              "days_done": 0, "training_days": D,
               "parameters": count_parameters(model), "symbols": stream.symbols,
               "label_pairs": [list(pair) for pair in stream.label_pairs],
               "class_balance": stream.class_balance().tolist(),   # (P, 4) fractions: what chance is
@@ -1500,24 +1736,21 @@ def run_market_experiment(cfg: Config, method: str, train_task, model_kwargs,
     interruption keeps the finished days. Resume is per seed only: --resume
     keeps the seeds that finished and runs an unfinished seed again from its
     first day (no checkpoints inside a seed)."""
-    device, results, previous, save = open_results(cfg, method, overridden, log, "MarketCL")
-    with flush_denormals():
+    with open_results(cfg, method, overridden, log, "MarketCL") as (device, results, previous, save), \
+            flush_denormals():
         for seed in range(cfg.seed, cfg.seed + cfg.runs):
             old = previous.get(seed)
-            if old and old.get("days_done") == old.get("training_days", -1):
+            if old and run_finished(old):
                 log(f"[{method} seed {seed}] already finished, skipped")
-                results["runs"].append(old)
                 continue
             stream = load_market_stream(cfg, seed, device)
             log(stream.summary())
             record = run_market_seed(cfg, method, seed, stream, train_task, model_kwargs, device,
                                      log, on_day_done=save)
-            results["runs"].append(record)
-            save()
+            save(record)
             log(f"[{method} seed {seed}] means over {record['training_days']} days "
                 f"({sum(day['seconds'] for day in record['days']) / 60:.1f} min):\n"
                 + format_market_run(record))
-    results["summary"] = summarize(results["runs"])
     s = results["summary"]
     log(f"{method}: ACC (mean over labels) {100 * s['acc_mean']:.2f} (std {100 * s['acc_std']:.2f}) %, "
         f"BWT {100 * s['bwt_mean']:+.2f} %, over {s['runs']} run(s); {results['schedule']}")
@@ -1529,8 +1762,7 @@ def market_table(results_by_method: dict, descriptions: dict) -> str:
     over runs), the BWT averaged over labels, and the class balance of each
     label, so a reader can see what chance is. results_by_method: method ->
     results.json content; descriptions: method -> the name to print."""
-    runs = {m: [r for r in res["runs"] if r.get("acc") is not None and r["days_done"] == r["training_days"]]
-            for m, res in results_by_method.items()}
+    runs = {m: [r for r in res["runs"] if run_finished(r)] for m, res in results_by_method.items()}
     runs = {m: rs for m, rs in runs.items() if rs}
     if not runs:
         return "(no finished MarketCL run)"
@@ -1539,11 +1771,12 @@ def market_table(results_by_method: dict, descriptions: dict) -> str:
               + ["BWT % (mean over labels)", "runs", "wall time / run"])
     lines = ["| Method | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
     for m, rs in runs.items():
+        summary = summarize(rs, m)
         acc = np.array([r["acc_per_label"] for r in rs])                       # (runs, P)
         cells = [f"{100 * a:.2f}" + (f" ({100 * sd:.2f})" if len(rs) > 1 else "")
                  for a, sd in zip(acc.mean(0), acc.std(0))]
         minutes = np.mean([sum(day["seconds"] for day in r["days"]) for r in rs]) / 60
-        cells += [f"{100 * np.mean([r['bwt'] for r in rs]):+.3f}", str(len(rs)), f"{minutes:.1f} min"]
+        cells += [f"{100 * summary['bwt_mean']:+.3f}", str(summary["runs"]), f"{minutes:.1f} min"]
         lines.append(f"| {descriptions.get(m, m)} | " + " | ".join(cells) + " |")
     balance = np.array(next(iter(runs.values()))[0]["class_balance"])               # (P, 4)
     lines.append("| class balance % (0 stop / 1 not above / 2 above / 3 target) | "
@@ -1639,11 +1872,16 @@ FLAG_HELP = {
                  "else loop",
     "deterministic": "CUDA: deterministic kernels only (cuDNN, cuBLAS), so a --resume'd run equals an "
                      "uninterrupted one; slower. The CPU is deterministic without it (same thread count)",
+    "device": "auto (CUDA if torch sees a device, else the CPU) | cpu | cuda | cuda:N",
+    "resume": "continue the runs in --out; refused if they ran with other settings than this command",
+    "force": "replace the results.json and checkpoints in --out (a folder that holds a run is "
+             "otherwise refused without --resume)",
     "supsup": "replace the per-task M_t and C_t by one shared SupSup mask generator and head",
     "supsup_binarize": "topk: SupSup's top-density |score| per layer; sign: the report's score >= 0",
     "infer_task": "after the run (or on a finished run with --resume), also evaluate without the task id "
                   "(two scores: lowest output entropy, nearest class mean of F_t's queries)",
 }
+MAX_SEED = 2**32 - 1          # numpy's RandomState takes seeds 0 .. 2**32 - 1
 CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz", *MARKET_DATASETS],
            "profile": list(PROFILES), "mask_init": ["ones", "default"],
            "supsup_binarize": ["topk", "sign"],
@@ -1683,6 +1921,8 @@ def make_parser(description=None) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=positive(int), nargs="+", **kwargs)
         elif f.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[f.name], **kwargs)
+        elif f.name == "device":
+            parser.add_argument(flag, type=device_flag, **kwargs)
         elif f.name in ("num_tasks", "num_days", "runs", "batch_size", "latent", "threads") or f.name.startswith(("epochs", "meta_k", "meta_inner_steps", "meta_epochs")):
             parser.add_argument(flag, type=positive(int), **kwargs)
         elif kind in (int, float):
@@ -1701,8 +1941,14 @@ def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
         parser.error("--resume needs --out DIR (the folder of the interrupted run)")
     if given.get("dataset") == "npz" and not given.get("path"):
         parser.error("--dataset npz needs --path FILE.npz")
+    if given.get("path") is not None and given.get("dataset") != "npz":
+        parser.error("--path is read by --dataset npz only")
     if given.get("source") is not None and given.get("dataset") != "market":
         parser.error("--source is read by --dataset market only")
+    if given.get("force") and given.get("resume"):
+        parser.error("--force replaces the runs in --out, --resume continues them: give one")
+    if given.get("force") and not given.get("out"):
+        parser.error("--force needs --out DIR (the folder whose results it replaces)")
     if given.get("num_days") is not None and given.get("dataset") not in MARKET_DATASETS:
         parser.error("--num-days is for the market datasets")
     if given.get("num_days") == 1:
@@ -1711,7 +1957,19 @@ def parse_config(argv, parser=None) -> tuple[Config, set, argparse.Namespace]:
         parser.error("--dropout must be in [0, 1)")
     if not 0 < given.get("supsup_density", 0.5) <= 1:
         parser.error("--supsup-density must be in (0, 1]")
-    cfg = resolve_config(Config(**given), overridden=set(given))
+    seed, runs = given.get("seed", 0), given.get("runs", 1)
+    if not 0 <= seed <= MAX_SEED + 1 - runs:
+        parser.error(f"--seed {seed} with --runs {runs} uses seeds {seed}..{seed + runs - 1}; "
+                     f"numpy takes seeds 0..{MAX_SEED}")
+    try:
+        cfg = resolve_config(Config(**given), overridden=set(given))
+    except ValueError as err:
+        parser.error(str(err))
+    for part in ("kb", "fe"):
+        channels, kernels = getattr(cfg, f"{part}_channels"), getattr(cfg, f"{part}_kernels")
+        if len(channels) != len(kernels):
+            parser.error(f"--{part}-channels gives {len(channels)} layer(s) but --{part}-kernels "
+                         f"{len(kernels)}: give one kernel size per layer")
     return cfg, set(given), args
 
 
@@ -1725,7 +1983,7 @@ def main(argv=None):
         return 0
     try:
         run_experiment(cfg, "mark", train_task_mark, {}, overridden)
-    except DataError as err:
+    except (DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except TrainingDiverged as err:
