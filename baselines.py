@@ -45,8 +45,8 @@ def train_task_b1(model, t, task, cfg, gen, timer):
 
 def train_task_b2(model, t, task, cfg, gen, timer, *, kb_every_task=True):
     """Baseline 2: Baseline 1 plus the meta-update of the KB (no masks). Every
-    task's head is trained (the report's code left heads of tasks > 0
-    untrained, a bug): once with the KB, and once more after the meta-update
+    task's head is trained (DEVIATION 8: the report's code left heads of tasks
+    > 0 untrained, a bug): once with the KB, and once more after the meta-update
     moved the KB (step 5 without masks = the head alone).
 
     kb_every_task=False is Baseline 2 as the report's code runs it (b2-report):

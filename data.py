@@ -412,7 +412,8 @@ def make_tasks(dataset: str, x_train: np.ndarray, y_train: np.ndarray,
 
     A class count that classes_per_task does not divide is refused, unless
     allow_short_last_task: then the last task holds the remaining classes
-    (ImageData: 74 = 14 x 5 + 4, the report's split, with no phantom class).
+    (ImageData: 74 = 14 x 5 + 4, the report's split, with no phantom class:
+    DEVIATION 8, the report's code reserved 75 classes for 74).
     Only a dataset whose published split is ragged should opt in; for others a
     short task would be an accident of the data.
     """

@@ -101,7 +101,9 @@ class Config:
     lr: float = 0.1                # authors, CIFAR-100 (0.01 for MiniImageNet)
     momentum: float = 0.9          # authors
     weight_decay: float = 0.01     # authors
-    clip: float = 0.5              # gradient-norm clip; authors: step 1. We clip in every ordinary step.
+    clip: float = 0.5              # gradient-norm clip (authors)
+    clip_every_step: bool = True   # clip in steps 1, 2, 3, 5 (our choice); authors: step 1 only
+    frozen_eval: bool = True       # frozen modules in eval mode (ours); authors: left in train mode
     epochs_fe: int = 50            # step 1, authors
     epochs_kb: int = 50            # step 2, authors
     epochs_masks: int = 50         # step 3, authors
@@ -116,6 +118,8 @@ class Config:
     meta_outer_lr: float = 0.001   # eps; authors: 0.1 x meta rate
     meta_outer_weight_decay: float = 0.1   # authors
     meta_sign: str = "reptile"     # reptile (towards adapted weights) | authors (away)
+    meta_acc_dropout: bool = False # acc_i measured with dropout off (our choice); authors: on
+    authors_code: bool = False     # every choice above where mark-min deviates, as the authors' code
     meta_impl: str = "auto"        # loop | threads | vmap | auto (vmap on CUDA, loop on a CPU)
     channels_last: bool = True     # memory layout for conv nets; faster on CPU and GPU
     threads: int | None = None     # torch CPU threads (default: torch's choice, one per core)
@@ -164,13 +168,23 @@ KNOWN_CLASSES = {"cifar100": [5] * 20, "glyphs": [5] * 15, "imagedata": [5] * 14
 KNOWN_LABELS = {"market": len(MARKET_LABEL_PAIRS), "market-synthetic": len(MARKET_LABEL_PAIRS)}
 
 
+# --authors-code: every choice of the authors' code that mark-min changed and
+# that changes the arithmetic (README, "Deviations"; DEVIATION n marks the code).
+AUTHORS_CODE = dict(meta_sign="authors",          # DEVIATION 1
+                    frozen_eval=False,            # DEVIATION 2
+                    mask_init="default",          # DEVIATION 3
+                    clip_every_step=False,        # DEVIATION 4
+                    meta_acc_dropout=True)        # DEVIATION 5
+
+
 def resolve_config(cfg: Config, overridden: set[str] = frozenset()) -> Config:
-    """Apply the profile, then the user's explicit flags, then --epoch-scale."""
+    """Apply the profile and --authors-code, then the user's explicit flags
+    (an explicit flag beats both), then --epoch-scale."""
     cfg = dataclasses.replace(cfg)
     if cfg.profile is None:
         cfg.profile = DEFAULT_PROFILE.get(cfg.dataset, "quick")
-    for key, value in (PROFILES[cfg.profile]
-                       | DATASET_PROFILES.get((cfg.dataset, cfg.profile), {})).items():
+    for key, value in (PROFILES[cfg.profile] | DATASET_PROFILES.get((cfg.dataset, cfg.profile), {})
+                       | (AUTHORS_CODE if cfg.authors_code else {})).items():
         if key not in overridden:            # an explicit flag beats the profile
             setattr(cfg, key, value)
     for key in EPOCH_FIELDS:
@@ -189,7 +203,8 @@ def describe_schedule(cfg: Config, overridden=frozenset()) -> str:
     label = "paper protocol" if is_paper else "SHORT profile, not the paper protocol"
     extra = f", overrides: {', '.join(changed)}" if changed else ""
     scale = f", epoch scale {cfg.epoch_scale:g}" if cfg.epoch_scale != 1.0 else ""
-    return (f"profile '{cfg.profile}' ({label}{scale}{extra}): epochs F/KB/M/cons = "
+    authors = ", the authors' code's choices (--authors-code)" if cfg.authors_code else ""
+    return (f"profile '{cfg.profile}' ({label}{scale}{extra}{authors}): epochs F/KB/M/cons = "
             f"{cfg.epochs_fe}/{cfg.epochs_kb}/{cfg.epochs_masks}/{cfg.epochs_consolidate}, "
             f"meta {cfg.meta_epochs} x K={cfg.meta_k} x {cfg.meta_inner_steps} steps, "
             f"sign {cfg.meta_sign}")
@@ -198,7 +213,7 @@ def describe_schedule(cfg: Config, overridden=frozenset()) -> str:
 HYPERPARAMETERS = {f.name for f in dataclasses.fields(Config)} - {
     "dataset", "data_dir", "path", "source", "num_tasks", "num_days", "profile", "epoch_scale",
     "seed", "runs", "device", "out", "resume", "force", "meta_impl", "channels_last", "threads",
-    "infer_task", "deterministic"}
+    "infer_task", "deterministic", "authors_code"}
 # A run's identity: what its numbers depend on, the hyperparameters and the
 # data (dataset, file or folder, tasks and days kept), plus method and seed.
 # Not in it: where things are (data_dir, out), how they run (device, threads,
@@ -349,7 +364,7 @@ class MaskGenerator(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(latent, c) for c in channels)
         self.activation = {"relu": F.relu, "sigmoid": torch.sigmoid}[activation]
         if init == "ones":
-            # DEVIATION (our choice; the authors keep PyTorch's default init, bias
+            # DEVIATION 3 (our choice; the authors keep PyTorch's default init, bias
             # near 0). With it, ReLU masks start around 0.1-0.2, so the three
             # masked blocks scale the KB's signal by ~0.002: the KB's output is
             # nearly constant, the gradient reaching M_t is tiny, weight decay
@@ -670,13 +685,15 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the message names task, step and epoch."""
 
 
-def freeze_all_but(model: nn.Module, params, train_modules):
+def freeze_all_but(model: nn.Module, params, train_modules, frozen_eval=True):
     """Freeze everything (eval mode, no gradient), then unfreeze `params`.
 
-    Frozen modules must be in eval mode: the authors' code left F_t's
-    batch-norm statistics updating after step 1, a bug we do not copy.
+    DEVIATION 2. Frozen modules must be in eval mode: the authors' code left
+    them in train mode, so F_t's batch-norm statistics kept updating after
+    step 1 and the frozen KB's dropout stayed on. frozen_eval=False
+    (--no-frozen-eval, part of --authors-code) does the same.
     """
-    model.eval()
+    model.train(not frozen_eval)
     model.requires_grad_(False)
     for module in train_modules:
         module.train()
@@ -685,14 +702,14 @@ def freeze_all_but(model: nn.Module, params, train_modules):
 
 
 def fit(model, cfg: Config, gen, n, loss_of_batch, *, params, train_modules, epochs, lr,
-        where: str, clip=True):
+        where: str, clip: bool):
     """Plain mini-batch SGD (momentum, weight decay, gradient clipping) on `params`.
 
     The optimizer holds only `params`; everything else is frozen. The loss is
     summed on the device and checked once per epoch (one host sync per epoch,
     not per batch); a non-finite loss stops the run with task, step and epoch.
     """
-    freeze_all_but(model, params, train_modules)
+    freeze_all_but(model, params, train_modules, cfg.frozen_eval)
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     device = params[0].device
     for epoch in range(epochs):
@@ -712,7 +729,8 @@ def fit(model, cfg: Config, gen, n, loss_of_batch, *, params, train_modules, epo
 
 @torch.no_grad()
 def frozen_queries(model: MARKNet, t, x, chunk=1024):
-    """F_t(x) for a whole split, once. F_t is frozen (eval mode) from step 1 on,
+    """DEVIATION 6 (same numbers, less arithmetic).
+    F_t(x) for a whole split, once. F_t is frozen (eval mode) from step 1 on,
     so its output for an image never changes: steps 3-5 reuse it instead of
     recomputing it in every epoch (same numbers, less arithmetic)."""
     model.extractors[t].eval()
@@ -734,7 +752,7 @@ def step1_feature_extractor(model: MARKNet, t, task: Task, cfg: Config, gen):
     x, y = task.train.x, task.train.y
     fit(model, cfg, gen, len(y), lambda i: model.loss(probe(fe(x[i])), y[i], t),
         params=[*fe.parameters(), *probe.parameters()], train_modules=[fe, probe],
-        epochs=cfg.epochs_fe, lr=cfg.lr, where=f"task {t}, step 1 (feature extractor)")
+        epochs=cfg.epochs_fe, lr=cfg.lr, where=f"task {t}, step 1 (feature extractor)", clip=True)
     fe.eval().requires_grad_(False)          # frozen for good: eval mode, no gradient
     query = frozen_queries(model, t, x)
     record_query_statistics(model, t, query, y)
@@ -770,7 +788,8 @@ def step2_pretrain_kb(model: MARKNet, t, task: Task, cfg: Config, gen):
     fit(model, cfg, gen, len(y), lambda i: model.loss(model.heads(kb(x[i]), t), y[i], t),
         params=[*kb.parameters(), *model.heads.task_parameters(t)],
         train_modules=[kb, model.heads.task_module(t)],
-        epochs=cfg.epochs_kb, lr=cfg.lr, where=f"task {t}, step 2 (KB pre-training)")
+        epochs=cfg.epochs_kb, lr=cfg.lr, where=f"task {t}, step 2 (KB pre-training)",
+        clip=cfg.clip_every_step)            # DEVIATION 4: the authors clip in step 1 only
 
 
 def train_masks_and_head(model: MARKNet, t, task: Task, cfg: Config, gen, query, *,
@@ -787,7 +806,8 @@ def train_masks_and_head(model: MARKNet, t, task: Task, cfg: Config, gen, query,
         params, modules = params + list(model.kb(t).parameters()), modules + [model.kb(t)]
     q = (lambda i: None) if query is None else (lambda i: query[i])
     fit(model, cfg, gen, len(y), lambda i: model.loss(model(x[i], t, q(i)), y[i], t),
-        params=params, train_modules=modules, epochs=epochs, lr=lr, where=where)
+        params=params, train_modules=modules, epochs=epochs, lr=lr, where=where,
+        clip=cfg.clip_every_step)            # DEVIATION 4: the authors clip in step 1 only
 
 
 def step3_masks_and_head(model, t, task, cfg, gen, query):
@@ -798,8 +818,9 @@ def step3_masks_and_head(model, t, task, cfg, gen, query):
 
 def step5_consolidate(model, t, task, cfg, gen, query):
     """Step 5. "Consolidation. Train M_t and C_t again, KB frozen, 50 epochs with
-    a new optimizer." (fit() always builds a new optimizer.) The report used
-    30-40 epochs at learning rate 0.05: --epochs-consolidate / --lr-consolidate.
+    a new optimizer." (fit() always builds a new optimizer.) DEVIATION 7: the
+    authors' 50 epochs at the task rate; the report used 30-40 epochs at
+    learning rate 0.05: --epochs-consolidate / --lr-consolidate.
     """
     train_masks_and_head(model, t, task, cfg, gen, query, epochs=cfg.epochs_consolidate,
                          lr=cfg.lr_consolidate, where=f"task {t}, step 5 (consolidation)")
@@ -829,10 +850,12 @@ def meta_task_loss(model: MARKNet, t, kb: dict, head: dict, x, y, masks, noise):
     return model.loss(F.linear(z, head["weight"], head["bias"]), y, t)
 
 
-def meta_task_accuracy(model: MARKNet, t, kb: dict, head: dict, x, y, masks):
-    """acc_i: the adapted copy's accuracy on its batch with dropout off (the KB
-    is in eval mode throughout step 4; our choice, see the README's deviations)."""
-    z = functional_call(model.kb(t), kb, (x, masks))
+def meta_task_accuracy(model: MARKNet, t, kb: dict, head: dict, x, y, masks, noise=None):
+    """acc_i: the adapted copy's accuracy on its batch. DEVIATION 5: with
+    dropout off (noise=None; the KB is in eval mode throughout step 4, our
+    choice); the authors' code measures it with dropout on (noise given,
+    --meta-acc-dropout)."""
+    z = functional_call(model.kb(t), kb, (x, masks), {"noise": noise})
     return (model.predict(F.linear(z, head["weight"], head["bias"])) == y).float().mean()
 
 
@@ -861,9 +884,11 @@ def draw_dropout_noise(model: MARKNet, cfg: Config, batch_size, device):
     if p == 0:
         return None
     # One draw per step, of one step's shape: a single (steps, B, latent) draw
-    # would take other random numbers from the generator.
+    # would take other random numbers from the generator. With
+    # --meta-acc-dropout one more draw, for acc_i (DEVIATION 5).
+    draws = cfg.meta_inner_steps + cfg.meta_acc_dropout
     return torch.stack([torch.empty(batch_size, model.kb_out, device=device).bernoulli_(1 - p).div_(1 - p)
-                        for _ in range(cfg.meta_inner_steps)])
+                        for _ in range(draws)])
 
 
 def adapt(model: MARKNet, t, cfg: Config, kb: dict, head: dict, x, y, masks, noise, batched=False):
@@ -880,14 +905,15 @@ def adapt(model: MARKNet, t, cfg: Config, kb: dict, head: dict, x, y, masks, noi
     if batched:
         masks_dim, noise_dim = None if masks is None else 0, None if noise is None else 0
         step = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, masks_dim, noise_dim))
-        accuracy = vmap(accuracy, in_dims=(0, 0, 0, 0, masks_dim))
+        accuracy = vmap(accuracy, in_dims=(0, 0, 0, 0, masks_dim, noise_dim))
         noise = None if noise is None else noise.transpose(0, 1)       # (steps, K, B, latent)
     kb_buf = {k: torch.zeros_like(v) for k, v in kb.items()}
     head_buf = {k: torch.zeros_like(v) for k, v in head.items()}
     for s in range(cfg.meta_inner_steps):
         kb, head, kb_buf, head_buf = step(kb, head, kb_buf, head_buf, x, y, masks,
                                           None if noise is None else noise[s])
-    return kb, accuracy(kb, head, x, y, masks)
+    acc_noise = noise[cfg.meta_inner_steps] if cfg.meta_acc_dropout and noise is not None else None
+    return kb, accuracy(kb, head, x, y, masks, acc_noise)
 
 
 @contextlib.contextmanager
@@ -954,14 +980,14 @@ def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=Non
       g   = sum_i w_i * delta_i / K                  (note the explicit 1/K)
       theta <- theta + sign * eps * g - eps * wd * theta    (one SGD-like step)
 
-    THE SIGN QUESTION. The authors' code writes g into .grad and calls an SGD
+    THE SIGN QUESTION (DEVIATION 1). The authors' code writes g into .grad and calls an SGD
     step, i.e. theta <- theta - eps * g: it moves the KB AWAY from the adapted
     weights. Reptile moves TOWARDS them, theta <- theta + eps * g. Our default
     is Reptile's direction (sign = +1); --meta-sign authors gives sign = -1.
     With eps = 0.001 and the 1/K factor the KB barely moves either way.
 
     query: F_t(x) of the training set, precomputed (None for models without
-    masks, i.e. Baseline 2). The masks of a batch are computed once per
+    masks, i.e. Baseline 2). DEVIATION 6: the masks of a batch are computed once per
     meta-task: F_t and M_t are frozen, so they would be the same on every
     inner step.
     """
@@ -969,7 +995,8 @@ def step4_meta_update(model: MARKNet, t, task: Task, cfg: Config, gen, query=Non
     x, y = task.train.x, task.train.y
     sign = {"reptile": +1.0, "authors": -1.0}[cfg.meta_sign]
     impl = resolve_meta_impl(cfg, x)
-    model.eval()          # F_t, M_t frozen; the inner loop's dropout comes as explicit noise
+    model.train(not cfg.frozen_eval)   # F_t, M_t frozen; DEVIATION 2: the authors' stay in train mode
+    kb.eval()                          # the KB's dropout in step 4 comes as explicit noise
     for _ in range(cfg.meta_epochs):
         theta = {k: v.detach() for k, v in kb.named_parameters()}
         # The next K mini-batches of the shuffled data (a new pass if needed).
@@ -1021,6 +1048,10 @@ def train_task_mark(model, t, task, cfg, gen, timer, *, meta=True):
     """
     with timer("1 feature extractor"):
         query = step1_feature_extractor(model, t, task, cfg, gen)
+    if not cfg.frozen_eval:
+        # DEVIATION 2 undone: F_t stays in train mode, so its output depends on
+        # the batch and its batch-norm statistics move; run it on every batch.
+        query = None
     if task.index == 0:
         with timer("2 KB pre-training"):
             step2_pretrain_kb(model, t, task, cfg, gen)
@@ -1864,6 +1895,15 @@ FLAG_HELP = {
     "num_days": "market: keep only the first N days with samples (N >= 2; the last is only tested)",
     "profile": "paper | short (epochs/10, 1 meta-epoch) | quick; default: paper for cifar100, else quick",
     "meta_sign": "reptile: move the KB towards the adapted weights (default); authors: away (their code)",
+    "authors_code": "restore every choice of the authors' code that mark-min changed (--meta-sign authors, "
+                    "--no-frozen-eval, --mask-init default, --no-clip-every-step, --meta-acc-dropout); "
+                    "a flag given explicitly still wins",
+    "frozen_eval": "frozen modules in eval mode (default, our choice); --no-frozen-eval leaves them in train "
+                   "mode as the authors' code does (F_t's batch-norm statistics keep moving)",
+    "clip_every_step": "clip gradients in steps 1, 2, 3 and 5 (default, our choice); --no-clip-every-step: "
+                       "step 1 only, as the authors' code",
+    "meta_acc_dropout": "measure the meta-tasks' accuracies acc_i with dropout on, as the authors' code "
+                        "(default off, our choice)",
     "mask_activation": "relu (authors' default) or sigmoid",
     "mask_init": "ones: mask generator bias 1, masks start near all-ones (default, our choice); "
                  "default: PyTorch's init, as the authors",

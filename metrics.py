@@ -116,7 +116,8 @@ def _lower_triangle(R) -> np.ndarray:
 
 
 def _divisor(T: int, divide_by: str) -> int:
-    """T-1 (GEM paper, default) or T (GEM code); 1 for T=1 so 0/1 = 0."""
+    """T-1 (GEM paper, default) or T (GEM code); 1 for T=1 so 0/1 = 0.
+    DEVIATION 9: the GEM paper's T-1, not its code's T."""
     if divide_by == "T-1":
         return max(T - 1, 1)
     if divide_by == "T":

@@ -92,8 +92,8 @@ MUTANTS = [
            "written_out_sgd or direct_computation"),
     # -- metrics --------------------------------------------------------------
     Mutant("bwt-divided-by-T", "BWT divides by T instead of T - 1",
-           "metrics.py", 'def _divisor(T: int, divide_by: str) -> int:\n    """T-1 (GEM paper, default) or T (GEM code); 1 for T=1 so 0/1 = 0."""\n    if divide_by == "T-1":\n        return max(T - 1, 1)',
-           'def _divisor(T: int, divide_by: str) -> int:\n    """T-1 (GEM paper, default) or T (GEM code); 1 for T=1 so 0/1 = 0."""\n    if divide_by == "T-1":\n        return T',
+           "metrics.py", '    if divide_by == "T-1":\n        return max(T - 1, 1)',
+           '    if divide_by == "T-1":\n        return T',
            "backward_transfer or bwt"),
     # -- SupSup ---------------------------------------------------------------
     Mutant("supsup-wrong-scores", "a SupSup layer builds task t's supermask from another task's scores",

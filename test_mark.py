@@ -280,7 +280,7 @@ def reference_meta_update(model, t, task, cfg, gen_state, rng_state, sign):
             opt.zero_grad()
             F.cross_entropy(head(copy_kb(x[idx], masks)), y[idx]).backward()
             opt.step()
-        copy_kb.eval()
+        copy_kb.train(cfg.meta_acc_dropout)        # the authors measure acc_i with dropout on
         with torch.no_grad():
             accs.append((head(copy_kb(x[idx], masks)).argmax(1) == y[idx]).float().mean())
         deltas.append({k: v.detach() - theta[k] for k, v in copy_kb.named_parameters()})
@@ -301,14 +301,16 @@ def prepared_model(cfg, task, seed=0):
     return model, gen, q
 
 
-@pytest.mark.parametrize("meta_sign,sign,dropout", [("reptile", +1.0, 0.0), ("authors", -1.0, 0.0),
-                                                   ("reptile", +1.0, 0.5)])
-def test_meta_update_matches_a_direct_computation(meta_sign, sign, dropout):
+@pytest.mark.parametrize("meta_sign,sign,dropout,acc_dropout", [
+    ("reptile", +1.0, 0.0, False), ("authors", -1.0, 0.0, False), ("reptile", +1.0, 0.5, False),
+    ("authors", -1.0, 0.5, True)])
+def test_meta_update_matches_a_direct_computation(meta_sign, sign, dropout, acc_dropout):
     """Step 4 against deep-copied KBs trained by torch.optim.SGD. With dropout
     on, both draw the same dropout masks in the same order (the inner loop
     runs with dropout, as in the authors' code; acc_i is measured without)."""
     cfg = tiny_cfg(dropout=dropout, meta_outer_lr=0.5, meta_outer_weight_decay=0.0, meta_k=3,
-                   meta_inner_steps=5, meta_sign=meta_sign, channels_last=False)
+                   meta_inner_steps=5, meta_sign=meta_sign, channels_last=False,
+                   meta_acc_dropout=acc_dropout)
     task = tiny_tasks(T=1, n_train=64)[0]
     model, gen, q = prepared_model(cfg, task)
     gen_state, rng_state = gen.get_state(), torch.get_rng_state()
@@ -586,6 +588,53 @@ def test_bad_flags_are_refused_by_the_parser(argv, capsys):
         mm.parse_config(argv)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_authors_code_restores_each_of_their_choices_and_explicit_flags_win():
+    ours, _, _ = mm.parse_config([])
+    choices = lambda c: (c.meta_sign, c.frozen_eval, c.mask_init, c.clip_every_step, c.meta_acc_dropout)
+    assert choices(ours) == ("reptile", True, "ones", True, False)
+    cfg, given, _ = mm.parse_config(["--dataset", "cifar100", "--authors-code"])
+    assert choices(cfg) == ("authors", False, "default", False, True)
+    assert "paper protocol" in mm.describe_schedule(cfg, given)
+    assert "the authors' code's choices" in mm.describe_schedule(cfg, given)
+    cfg, _, _ = mm.parse_config(["--authors-code", "--meta-sign", "reptile"])      # one deviation kept
+    assert choices(cfg) == ("reptile", False, "default", False, True)
+    cfg, _, _ = mm.parse_config(["--no-frozen-eval"])                               # one restored alone
+    assert choices(cfg) == ("reptile", False, "ones", True, False)
+
+
+@pytest.mark.parametrize("every", [True, False])
+def test_gradients_are_clipped_in_step_1_and_elsewhere_only_with_clip_every_step(monkeypatch, every):
+    cfg, tasks, model, gen, timer = tiny_setup(T=1, clip_every_step=every)
+    calls = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    q = mm.step1_feature_extractor(model, 0, tasks[0], cfg, gen)
+    in_step1 = len(calls)
+    mm.step2_pretrain_kb(model, 0, tasks[0], cfg, gen)
+    mm.step3_masks_and_head(model, 0, tasks[0], cfg, gen, q)
+    assert in_step1 > 0 and (len(calls) > in_step1) == every
+
+
+def test_without_frozen_eval_the_feature_extractors_statistics_move_as_in_the_authors_code(monkeypatch):
+    """--no-frozen-eval reproduces the authors' bug: F_t stays in train mode,
+    runs on every batch (no cached queries), and only its batch-norm
+    statistics change after step 1 (its weights stay frozen)."""
+    cfg, tasks, model, gen, timer = tiny_setup(T=1, frozen_eval=False)
+    seen = {}
+    original = mm.step3_masks_and_head
+
+    def step3(model, t, task, cfg, gen, query):
+        seen["query"], seen["before"] = query, snapshot(model.extractors[t])
+        original(model, t, task, cfg, gen, query)
+        seen["after"] = snapshot(model.extractors[t])
+
+    monkeypatch.setattr(mm, "step3_masks_and_head", step3)
+    mm.train_task_mark(model, 0, tasks[0], cfg, gen, timer)
+    changed = [k for k in seen["before"] if not torch.equal(seen["before"][k], seen["after"][k])]
+    assert seen["query"] is None and changed
+    assert all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed), changed
 
 
 def test_profiles_are_labelled_and_explicit_flags_win():
