@@ -150,7 +150,7 @@ def saved_identity(results: dict, run: dict) -> dict:
     recorded their identity has only the configuration of the command that
     last wrote it, which stands in for it here (a table only reads)."""
     if "identity" in run:
-        return run["identity"]
+        return mm.with_new_settings(run["identity"])
     if "config" not in results:
         return {}
     fields = {f.name for f in mm.dataclasses.fields(mm.Config)}

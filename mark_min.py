@@ -233,6 +233,15 @@ def run_identity(cfg: Config, method: str, seed: int) -> dict:
     return json.loads(json.dumps(identity | {"method": method, "seed": seed}))
 
 
+def with_new_settings(saved: dict) -> dict:
+    """A saved identity completed with the settings Config gained after it was
+    saved, at their defaults. The rule for whoever adds a setting: its default
+    keeps the arithmetic as it was, so a run saved before it existed ran with
+    that default, and --resume and tables may go on comparing it."""
+    defaults = run_identity(Config(), saved.get("method"), saved.get("seed"))
+    return {name: defaults[name] for name in IDENTITY_FIELDS if name not in saved} | saved
+
+
 def identity_differences(a: dict, b: dict, names=("saved", "now")) -> str:
     """'--lr 0.1 saved, 0.05 now; ...' for every key whose values differ."""
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -1392,6 +1401,7 @@ def check_identity(saved: dict | None, wanted: dict, where):
     if saved is None:
         raise RunError(f"{where} was written before runs recorded their settings, so they cannot be "
                        "checked against this command; start again in a new --out")
+    saved = with_new_settings(saved)
     if saved != wanted:
         raise RunError(f"{where} ran with other settings than this command: "
                        f"{identity_differences(saved, wanted)}. Give the saved settings to continue "

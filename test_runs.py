@@ -516,3 +516,30 @@ def test_a_byte_order_mark_from_a_spreadsheet_is_dropped(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + (HEADER + ROW).encode())
     times, ohlcv = read_market_csv(path)["NSE:ABC"]
     assert len(times) == 1 and ohlcv[0].tolist() == [100, 101, 99, 100.5, 10]
+
+
+def forget_setting(folder, name):
+    """Make the folder look written before Config had the setting `name`."""
+    saved = read(folder)
+    for run in saved["runs"]:
+        del run["identity"][name]
+    (folder / "results.json").write_text(json.dumps(saved))
+    for path in folder.glob("checkpoint_*.pt"):
+        state = torch.load(path, weights_only=True)
+        del state["identity"][name]
+        record = json.loads(state["record"])
+        del record["identity"][name]
+        state["record"] = json.dumps(record)
+        torch.save(state, path)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default_only(folder, tiny_stream, capsys):
+    """Settings added to Config later enter an old run's identity at their
+    default (which keeps the old arithmetic): the run resumes with the
+    default, and another value is refused."""
+    forget_setting(folder, "meta_acc_dropout")
+    code, err = run(mm.main, TINY + ["--meta-acc-dropout", "--runs", "2", "--out", str(folder), "--resume"],
+                    capsys)
+    assert code == 1 and "--meta-acc-dropout False saved, True now" in one_error_line(err)
+    assert mm.main(TINY + ["--runs", "2", "--out", str(folder), "--resume"]) == 0
+    assert [r["tasks_done"] for r in read(folder)["runs"]] == [3, 3]
