@@ -141,6 +141,25 @@ def table_rows(results_by_method: dict, dataset: str) -> list[dict]:
     return rows
 
 
+def per_task_table(found: dict, a="mark", b="ablation") -> str:
+    """Does the meta-update change any task? For each seed that both methods
+    finished: every task's accuracy just after it was learned (R[j][j]) and
+    after the last task (R[T-1][j]), MARK beside the frozen-KB ablation, in %.
+    The two differ only by step 4, so the last column is what it changed."""
+    finished = lambda m: {r["seed"]: r for r in found.get(m, {}).get("runs", []) if mm.run_finished(r)}
+    runs_a, runs_b = finished(a), finished(b)
+    lines = []
+    for seed in sorted(set(runs_a) & set(runs_b)):
+        Ra, Rb = (np.array(runs[seed]["acc_matrix"], dtype=float) for runs in (runs_a, runs_b))
+        lines += [f"Per task, seed {seed}: {METHODS[a][0]} beside {METHODS[b][0]} (accuracy %)", "",
+                  f"| task | {a}: just learned | {a}: after the last task | {b}: just learned | "
+                  f"{b}: after the last task | {a} - {b}, after the last task |", "|---|---|---|---|---|---|"]
+        lines += [f"| {j + 1} | {100 * Ra[j, j]:.2f} | {100 * Ra[-1, j]:.2f} | {100 * Rb[j, j]:.2f} | "
+                  f"{100 * Rb[-1, j]:.2f} | {100 * (Ra[-1, j] - Rb[-1, j]):+.2f} |" for j in range(len(Ra))]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def all_results(out: Path) -> dict:
     return {m: out / m / "results.json" for m in METHODS if (out / m / "results.json").exists()}
 
@@ -200,6 +219,8 @@ def build_table(out: Path, dataset: str | None = None, log=print):
         table = metrics.format_table(rows, extra_columns=extra)
         mm.atomic_write_json(out / "table.json", {"dataset": dataset, "schedule": schedule, "rows": rows})
     text = f"Dataset {dataset}; {schedule}\n\n" + table
+    if rows is not None and per_task_table(found):
+        text += "\n\n" + per_task_table(found)
     (out / "table.md").write_text(text + "\n")
     log(text)
     return rows

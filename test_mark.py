@@ -2475,6 +2475,21 @@ def test_table_builder_computes_mean_and_std_from_hand_made_results(tmp_path):
     assert saved["MARK"]["acc_mean"] == pytest.approx(0.85)
 
 
+def test_the_table_shows_each_task_of_mark_beside_the_ablation(tmp_path):
+    def run(R):
+        T = len(R)
+        return {"seed": 0, "acc": float(np.mean(R[-1])), "bwt": 0.0, "tasks_done": T, "parameters": 1,
+                "identity": {"dataset": "cifar100"}, "task_seconds": [1.0] * T,
+                "acc_matrix": [[R[i][j] if j <= i else None for j in range(T)] for i in range(T)]}
+    for method, R in {"mark": [[0.9, 0], [0.92, 0.8]], "ablation": [[0.9, 0], [0.9, 0.85]]}.items():
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "results.json").write_text(json.dumps({"schedule": "s", "runs": [run(R)]}))
+    baselines.build_table(tmp_path, log=lambda *_: None)
+    text = (tmp_path / "table.md").read_text()
+    assert "| 1 | 90.00 | 92.00 | 90.00 | 90.00 | +2.00 |" in text
+    assert "| 2 | 80.00 | 80.00 | 85.00 | 85.00 | -5.00 |" in text
+
+
 def test_while_a_step_trains_every_frozen_module_is_in_eval_mode(monkeypatch):
     """Frozen modules must not update BN statistics or apply dropout: during
     step 3 only M_t and C_t are in training mode (the KB, trained in train
