@@ -883,8 +883,8 @@ def inner_step(model: MARKNet, t, cfg: Config, kb, head, kb_buf, head_buf, x, y,
 
 
 def draw_dropout_noise(model: MARKNet, cfg: Config, batch_size, device):
-    """The dropout noise of one meta-task's inner steps, (steps, B, latent), or
-    None without dropout. Dropout is active in the inner loop (the authors'
+    """The dropout noise of one meta-task's inner steps, (steps, B, latent)
+    (one more row with --meta-acc-dropout), or None without dropout. Dropout is active in the inner loop (the authors'
     code). The noise is what nn.Dropout draws in training mode on the CPU,
     bernoulli(1 - p) / (1 - p); step 4 draws it for the K meta-tasks in the
     order a plain loop over them would, so the loop, the threads and vmap give
@@ -949,15 +949,15 @@ def adapt_all(model: MARKNet, t, cfg: Config, impl, theta, heads, xs, ys, masks,
     run = lambda job: adapt(model, t, cfg, theta, *job)
     if impl == "vmap":
         stack = lambda trees: {k: torch.stack([tree[k] for tree in trees]) for k in trees[0]}
-        maybe = lambda ts: None if ts[0] is None else ts
+        stacked_masks = None if masks[0] is None else [torch.stack(m) for m in zip(*masks)]  # [(K, B, c_l)]
+        stacked_noise = None if noises[0] is None else torch.stack(noises)      # (K, steps, B, latent)
         adapted, accs = adapt(model, t, cfg, stack([theta] * len(jobs)), stack(heads),
-                              torch.stack(xs), torch.stack(ys),
-                              maybe(masks) and [torch.stack(m) for m in zip(*masks)],
-                              maybe(noises) and torch.stack(noises), batched=True)
+                              torch.stack(xs), torch.stack(ys), stacked_masks, stacked_noise,
+                              batched=True)
         return [{k: v[i] for k, v in adapted.items()} for i in range(len(jobs))], accs
     if impl == "threads":
-        with torch_threads(1) as _, concurrent.futures.ThreadPoolExecutor(
-                cfg.threads or torch.get_num_threads()) as pool:
+        workers = cfg.threads or torch.get_num_threads()
+        with torch_threads(1), concurrent.futures.ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(run, jobs))
     else:
         results = [run(job) for job in jobs]
