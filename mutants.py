@@ -90,6 +90,15 @@ MUTANTS = [
            "mark_min.py", "bufs = {k: bufs[k] * momentum + (grads[k] + weight_decay * p)",
            "bufs = {k: 0 * momentum + (grads[k] + weight_decay * p)",
            "written_out_sgd or direct_computation"),
+    # -- --authors-code: each of the authors' choices must really switch ------
+    Mutant("acc-dropout-ignored", "--meta-acc-dropout measures acc_i without dropout all the same",
+           "mark_min.py", "acc_noise = noise[cfg.meta_inner_steps] if cfg.meta_acc_dropout and noise is not None else None",
+           "acc_noise = None", "direct_computation"),
+    Mutant("clipping-everywhere", "--no-clip-every-step still clips in steps 2, 3 and 5",
+           "mark_min.py", "if clip and cfg.clip > 0:", "if cfg.clip > 0:", "clip_every_step"),
+    Mutant("frozen-eval-ignored", "--no-frozen-eval still reuses F_t's cached queries",
+           "mark_min.py", "    if not cfg.frozen_eval:\n        # DEVIATION 2 undone",
+           "    if False:\n        # DEVIATION 2 undone", "frozen_eval"),
     # -- metrics --------------------------------------------------------------
     Mutant("bwt-divided-by-T", "BWT divides by T instead of T - 1",
            "metrics.py", '    if divide_by == "T-1":\n        return max(T - 1, 1)',
