@@ -101,7 +101,6 @@ META_VARIANTS = {
     "before": ("loop", True, False),         # the loop, the paper's order, glibc's default malloc
     "pool-first": ("loop", False, False),    # + max-pool before ReLU
     "malloc": ("loop", False, True),         # + freed memory kept for reuse (mark_min's default now)
-    "threads": ("threads", False, True),     # + the meta-tasks in threads of one CPU thread each
 }
 
 

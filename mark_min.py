@@ -35,7 +35,6 @@ The model: KnowledgeBase, FeatureExtractor, MaskGenerator, MARKNet.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -120,7 +119,7 @@ class Config:
     meta_sign: str = "reptile"     # reptile (towards adapted weights) | authors (away)
     meta_acc_dropout: bool = False # acc_i measured with dropout off (our choice); authors: on
     authors_code: bool = False     # every choice above where mark-min deviates, as the authors' code
-    meta_impl: str = "auto"        # loop | threads | vmap | auto (vmap on CUDA, loop on a CPU)
+    meta_impl: str = "auto"        # loop | vmap | auto (vmap on CUDA, loop on a CPU)
     channels_last: bool = True     # memory layout for conv nets; faster on CPU and GPU
     threads: int | None = None     # torch CPU threads (default: torch's choice, one per core)
     deterministic: bool = False    # CUDA: deterministic kernels, so --resume reproduces a run exactly
@@ -332,7 +331,7 @@ class KnowledgeBase(nn.Module):
     noise: the dropout noise to use instead of nn.Dropout's own draw,
     bernoulli(1 - p) / (1 - p) of shape (B, latent); the meta-update draws it
     up front (draw_dropout_noise) so that every way of running the K
-    meta-tasks (one after another, in threads, under vmap) uses the same.
+    meta-tasks (one after another or under vmap) uses the same.
     """
 
     def __init__(self, in_shape, channels=(64, 128, 256), kernels=(4, 3, 2),
@@ -887,8 +886,8 @@ def draw_dropout_noise(model: MARKNet, cfg: Config, batch_size, device):
     (one more row with --meta-acc-dropout), or None without dropout. Dropout is active in the inner loop (the authors'
     code). The noise is what nn.Dropout draws in training mode on the CPU,
     bernoulli(1 - p) / (1 - p); step 4 draws it for the K meta-tasks in the
-    order a plain loop over them would, so the loop, the threads and vmap give
-    the same numbers, and the same as drawing inside the loop did."""
+    order a plain loop over them would, so the loop and vmap use the same
+    noise, and the loop gives the same numbers as drawing inside it did."""
     p = cfg.dropout
     if p == 0:
         return None
@@ -911,38 +910,26 @@ def adapt(model: MARKNet, t, cfg: Config, kb: dict, head: dict, x, y, masks, noi
     """
     step = partial(inner_step, model, t, cfg)
     accuracy = partial(meta_task_accuracy, model, t)
+    if batched and noise is not None:
+        noise = noise.transpose(0, 1)                                   # (steps, K, B, latent)
+    acc_noise = noise[cfg.meta_inner_steps] if cfg.meta_acc_dropout and noise is not None else None
     if batched:
-        masks_dim, noise_dim = None if masks is None else 0, None if noise is None else 0
-        step = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, masks_dim, noise_dim))
-        accuracy = vmap(accuracy, in_dims=(0, 0, 0, 0, masks_dim, noise_dim))
-        noise = None if noise is None else noise.transpose(0, 1)       # (steps, K, B, latent)
+        dim = lambda v: None if v is None else 0          # None: the same for every meta-task
+        step = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, dim(masks), dim(noise)))
+        accuracy = vmap(accuracy, in_dims=(0, 0, 0, 0, dim(masks), dim(acc_noise)))
     kb_buf = {k: torch.zeros_like(v) for k, v in kb.items()}
     head_buf = {k: torch.zeros_like(v) for k, v in head.items()}
     for s in range(cfg.meta_inner_steps):
         kb, head, kb_buf, head_buf = step(kb, head, kb_buf, head_buf, x, y, masks,
                                           None if noise is None else noise[s])
-    acc_noise = noise[cfg.meta_inner_steps] if cfg.meta_acc_dropout and noise is not None else None
     return kb, accuracy(kb, head, x, y, masks, acc_noise)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's CPU thread count set to n while the block runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def adapt_all(model: MARKNet, t, cfg: Config, impl, theta, heads, xs, ys, masks, noises):
     """The K meta-tasks of one outer step: K heads, batches, masks and noises
     in; K adapted KBs and their K accuracies out. The meta-tasks are
-    independent; every impl gives the same numbers (tests check it):
+    independent; both impls give the same numbers (a test checks it):
       loop     one after another.
-      threads  as many at once as torch has CPU threads, each on one thread
-               (slower than the loop on a 2-core CPU; bench.py measures both).
       vmap     as one batched computation (torch.func.vmap), for GPUs.
     """
     jobs = list(zip(heads, xs, ys, masks, noises))
@@ -955,20 +942,14 @@ def adapt_all(model: MARKNet, t, cfg: Config, impl, theta, heads, xs, ys, masks,
                               torch.stack(xs), torch.stack(ys), stacked_masks, stacked_noise,
                               batched=True)
         return [{k: v[i] for k, v in adapted.items()} for i in range(len(jobs))], accs
-    if impl == "threads":
-        workers = cfg.threads or torch.get_num_threads()
-        with torch_threads(1), concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(run, jobs))
-    else:
-        results = [run(job) for job in jobs]
+    results = [run(job) for job in jobs]
     return [a for a, _ in results], torch.stack([acc for _, acc in results])
 
 
 def resolve_meta_impl(cfg: Config, x) -> str:
-    """--meta-impl auto: vmap on CUDA, the loop on a CPU (on a 2-core CPU the
-    loop with two threads per operation took 23 s per meta-epoch, two
-    one-thread meta-tasks at once 39 s: bench.py). Sequences (MarketCL,
-    data.Sequences) always run the loop: vmap needs plain tensors."""
+    """--meta-impl auto: vmap on CUDA, the loop on a CPU (where vmap's batched
+    convolutions are slower). Sequences (MarketCL, data.Sequences) always run
+    the loop: vmap needs plain tensors."""
     if not isinstance(x, torch.Tensor):
         return "loop"
     if cfg.meta_impl != "auto":
@@ -1182,13 +1163,14 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory for reuse instead of returning it
     to the operating system at once (Linux only; elsewhere nothing happens).
 
-    By default every block above 128 kB (an activation of batch 128 is up to
-    28 MB) is mapped fresh from the system and unmapped when freed, so every
-    training step page-faults its activations in again and the kernel zeroes
-    them: measured on a 2-core CPU, one inner step of the meta-update took
-    110 ms instead of 150 ms with this setting, and threads no longer wait on
-    each other's page faults. Memory freed stays with the process (up to
-    1 GB above what is in use). Changes no number. Returns whether it applied.
+    By default glibc maps large blocks (an activation of batch 128 is up to
+    28 MB) fresh from the system and gives freed memory back, so training
+    steps keep page-faulting their activations in again, and the kernel
+    zeroes every new page. Measured side by side on a 2-core CPU (bench.py,
+    each variant in a fresh process): one meta-epoch took 21.7 s with this
+    setting and 31.2 s without (medians of 2). Memory freed stays with the
+    process (up to 1 GB above what is in use). Changes no number. Returns
+    whether it applied.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -1917,9 +1899,8 @@ FLAG_HELP = {
     "mask_activation": "relu (authors' default) or sigmoid",
     "mask_init": "ones: mask generator bias 1, masks start near all-ones (default, our choice); "
                  "default: PyTorch's init, as the authors",
-    "meta_impl": "how the K meta-tasks run (same numbers): loop (one after another), threads (as many at "
-                 "once as CPU threads, one thread each), vmap (batched, for GPUs); auto: vmap on CUDA, "
-                 "else loop",
+    "meta_impl": "how the K meta-tasks run (same numbers): loop (one after another) or vmap (batched, "
+                 "for GPUs); auto: vmap on CUDA, else loop",
     "deterministic": "CUDA: deterministic kernels only (cuDNN, cuBLAS), so a --resume'd run equals an "
                      "uninterrupted one; slower. The CPU is deterministic without it (same thread count)",
     "device": "auto (CUDA if torch sees a device, else the CPU) | cpu | cuda | cuda:N",
@@ -1936,7 +1917,7 @@ CHOICES = {"dataset": ["glyphs", "cifar100", "imagedata", "npz", *MARKET_DATASET
            "profile": list(PROFILES), "mask_init": ["ones", "default"],
            "supsup_binarize": ["topk", "sign"],
            "meta_sign": ["reptile", "authors"], "mask_activation": ["relu", "sigmoid"],
-           "meta_impl": ["auto", "loop", "threads", "vmap"]}
+           "meta_impl": ["auto", "loop", "vmap"]}
 
 
 def positive(kind):
