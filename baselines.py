@@ -145,7 +145,10 @@ def per_task_table(found: dict, a="mark", b="ablation") -> str:
     """Does the meta-update change any task? For each seed that both methods
     finished: every task's accuracy just after it was learned (R[j][j]) and
     after the last task (R[T-1][j]), MARK beside the frozen-KB ablation, in %.
-    The two differ only by step 4, so the last column is what it changed."""
+    Within MARK, the two columns differ only by the later tasks' meta-updates.
+    Between the methods, step 4 also draws random numbers (heads, dropout,
+    batch order), so every later task starts from other random draws: the
+    last column mixes the meta-update's effect with that of another seed."""
     finished = lambda m: {r["seed"]: r for r in found.get(m, {}).get("runs", []) if mm.run_finished(r)}
     runs_a, runs_b = finished(a), finished(b)
     lines = []
