@@ -95,12 +95,12 @@ def relu_before_pooling():
 
 
 # The meta-update as it was computed, and each change since, side by side:
-# name -> (--meta-impl, ReLU before pooling, keep freed memory). Same numbers
-# in each (tests check it); only the time differs.
+# name -> (ReLU before pooling, keep freed memory); the loop over meta-tasks in
+# each. Same numbers in each (tests check it); only the time differs.
 META_VARIANTS = {
-    "before": ("loop", True, False),         # the loop, the paper's order, glibc's default malloc
-    "pool-first": ("loop", False, False),    # + max-pool before ReLU
-    "malloc": ("loop", False, True),         # + freed memory kept for reuse (mark_min's default now)
+    "before": (True, False),         # the paper's order, glibc's default malloc
+    "pool-first": (False, False),    # + max-pool before ReLU
+    "malloc": (False, True),         # + freed memory kept for reuse (mark_min's default now)
 }
 
 
@@ -108,7 +108,7 @@ def time_meta_variant(args) -> float:
     """One meta-epoch (K = 10 meta-tasks x 40 steps, batch 128) of the variant
     args.meta_variant, after a short warm-up. Runs in its own process (see
     compare_meta_variants)."""
-    impl, relu_first, keep = META_VARIANTS[args.meta_variant]
+    relu_first, keep = META_VARIANTS[args.meta_variant]
     if keep:
         mm.keep_freed_memory()
     device = mm.resolve_device(args.device)
@@ -116,7 +116,7 @@ def time_meta_variant(args) -> float:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     task = first_task(args.dataset, args.data_dir, device)
-    cfg = mm.resolve_config(mm.Config(dataset="cifar100", meta_epochs=1, meta_impl=impl))
+    cfg = mm.resolve_config(mm.Config(dataset="cifar100", meta_epochs=1, meta_impl="loop"))
     task.train.x = task.train.x.contiguous(memory_format=torch.channels_last)
     model = mm.build_model(cfg, task.input_shape, [task.num_classes], device)
     gen = torch.Generator(device=device).manual_seed(0)
