@@ -21,19 +21,22 @@ the course report's, Aggarwal & Agarwal); nothing is copied:
 Every method takes the flags of mark_min.py (dataset, seed, runs, device,
 profile, --out, ...) and writes the same results.json schema, to
 OUT/<method>/results.json with --all. --all can be stopped and started again:
-finished method-seed pairs are not run again.
+finished method-seed pairs are not run again. The same methods run on
+MarketCL through market.py.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+import experiment
 import metrics
 import mark_min as mm
-from data import DataError
 
 
 def train_task_b1(model, t, task, cfg, gen, timer):
@@ -73,7 +76,7 @@ def train_task_b3(model, t, task, cfg, gen, timer):
                                 lr=cfg.lr, where=f"task {t}, KB + masks + head", train_kb=True)
 
 
-# name -> (description, train_task function, model options)
+# name -> (description, train_task function, options of mark_min.build_model)
 METHODS = {
     "mark": ("MARK", mm.train_task_mark, {}),
     "b1": ("Baseline 1 (sequential KB, no masks)", train_task_b1, {"masks": False}),
@@ -103,9 +106,9 @@ REFERENCE = {
 REFERENCE_EXTRA = {("cifar100", "mark"): (80.36, 0.313, -0.025, "report")}
 
 
-def run_method(cfg, method, overridden=frozenset(), log=mm.log_line):
-    description, train_task, model_kwargs = METHODS[method]
-    return mm.run_experiment(cfg, method, train_task, model_kwargs, overridden, log=log)
+def run_method(cfg, method, overridden=frozenset(), log=experiment.log_line):
+    description, train_task, model_options = METHODS[method]
+    return mm.run(cfg, overridden, method, train_task, partial(mm.build_model, **model_options), log)
 
 
 # ---------------------------------------------------------------------------
@@ -128,10 +131,10 @@ def table_rows(results_by_method: dict, dataset: str) -> list[dict]:
     metrics wants), over its finished runs (mm.summarize, as results.json)."""
     rows = []
     for method, results in results_by_method.items():
-        summary = mm.summarize(results["runs"], METHODS[method][0])
+        summary = experiment.summarize(results["runs"], METHODS[method][0])
         if not summary:
             continue
-        runs = [r for r in results["runs"] if mm.run_finished(r)]
+        runs = [r for r in results["runs"] if experiment.run_finished(r)]
         ref_acc, ref_bwt = reference_cells(dataset, method)
         rows.append(summary | {
             "parameters": f"{runs[0]['parameters']:,d}",
@@ -149,7 +152,7 @@ def per_task_table(found: dict, a="mark", b="ablation") -> str:
     Between the methods, step 4 also draws random numbers (heads, dropout,
     batch order), so every later task starts from other random draws: the
     last column mixes the meta-update's effect with that of another seed."""
-    finished = lambda m: {r["seed"]: r for r in found.get(m, {}).get("runs", []) if mm.run_finished(r)}
+    finished = lambda m: {r["seed"]: r for r in found.get(m, {}).get("runs", []) if experiment.run_finished(r)}
     runs_a, runs_b = finished(a), finished(b)
     lines = []
     for seed in sorted(set(runs_a) & set(runs_b)):
@@ -167,60 +170,64 @@ def all_results(out: Path) -> dict:
     return {m: out / m / "results.json" for m in METHODS if (out / m / "results.json").exists()}
 
 
-def saved_identity(results: dict, run: dict) -> dict:
+def saved_identity(results: dict, run: dict, cfg=mm.Config()) -> dict:
     """A run's identity as saved with it. A results.json written before runs
     recorded their identity has only the configuration of the command that
     last wrote it, which stands in for it here (a table only reads)."""
     if "identity" in run:
-        return mm.with_new_settings(run["identity"])
+        return experiment.with_new_settings(run["identity"], cfg)
     if "config" not in results:
         return {}
-    fields = {f.name for f in mm.dataclasses.fields(mm.Config)}
-    config = mm.Config(**{k: v for k, v in results["config"].items() if k in fields})
-    return mm.run_identity(config, results.get("method"), run["seed"])
+    fields = {f.name for f in dataclasses.fields(type(cfg))}
+    config = type(cfg)(**{k: v for k, v in results["config"].items() if k in fields})
+    return experiment.run_identity(config, results.get("method"), run["seed"])
 
 
-def table_dataset(out: Path, found: dict, expected: str | None) -> str:
+def table_dataset(out: Path, found: dict, expected: str | None, identities: dict) -> str:
     """The dataset of the runs under OUT, which must all share it and one
     schedule (every setting but method and seed): a table compares methods on
-    equal terms. `expected` (a --dataset given with --table) must match."""
-    settings = {f"{method} seed {run['seed']}": {k: v for k, v in saved_identity(results, run).items()
-                                                 if k not in ("method", "seed")}
-                for method, results in found.items() for run in results["runs"]}
+    equal terms. `expected` (a --dataset given with --table) must match.
+    identities: "method seed S" -> that run's saved identity."""
+    settings = {name: {k: v for k, v in identity.items() if k not in ("method", "seed")}
+                for name, identity in identities.items()}
     if not settings:
-        raise mm.RunError(f"{out}: the results.json files under it hold no run yet")
+        raise experiment.RunError(f"{out}: the results.json files under it hold no run yet")
     (first, shared), *others = settings.items()
     if "dataset" not in shared:
-        raise mm.RunError(f"{out}: the runs of {first} do not say which dataset they ran on "
+        raise experiment.RunError(f"{out}: the runs of {first} do not say which dataset they ran on "
                           "(written by an older version); run them again into a new --out")
     for name, setting in others:
         if setting != shared:
-            raise mm.RunError(f"{out} mixes runs of different settings, {first} and {name}: "
-                              f"{mm.identity_differences(shared, setting, (first, name))}; "
-                              "put each dataset and schedule in its own folder")
+            raise experiment.RunError(f"{out} mixes runs of different settings, {first} and {name}: "
+                                      f"{experiment.identity_differences(shared, setting, (first, name))}; "
+                                      "put each dataset and schedule in its own folder")
     if expected and expected != shared["dataset"]:
-        raise mm.RunError(f"the runs under {out} ran on {shared['dataset']}, not {expected}; "
-                          "drop --dataset (the table takes it from the runs)")
+        raise experiment.RunError(f"the runs under {out} ran on {shared['dataset']}, not {expected}; "
+                                  "drop --dataset (the table takes it from the runs)")
     return shared["dataset"]
 
 
-def build_table(out: Path, dataset: str | None = None, log=print):
+def build_table(out: Path, dataset: str | None = None, log=print, cfg=mm.Config(), market_table=None):
     """Read OUT/<method>/results.json, print and save table.md and table.json.
-    The dataset is the runs' own; `dataset`, if given, must be theirs."""
-    found = {m: mm.read_results(path) for m, path in all_results(out).items()}
+    The dataset is the runs' own; `dataset`, if given, must be theirs.
+    market_table(found, descriptions): MarketCL's table (market.py)."""
+    found = {m: experiment.read_results(path) for m, path in all_results(out).items()}
     if not found:
-        raise mm.RunError(f"no OUT/<method>/results.json under {out}; run with --all first")
-    dataset = table_dataset(out, found, dataset)
-    mm.prepare_out(out)                     # table.md and table.json are written there
+        raise experiment.RunError(f"no OUT/<method>/results.json under {out}; run with --all first")
+    settings = {f"{m} seed {run['seed']}": saved_identity(res, run, cfg) for m, res in found.items()
+                for run in res["runs"]}
+    dataset = table_dataset(out, found, dataset, settings)
+    experiment.prepare_out(out)             # table.md and table.json are written there
     schedule = next(iter(found.values())).get("schedule", "")
-    if dataset in mm.MARKET_DATASETS:       # MarketCL: per-label accuracy, the report's Table 3
+    if market_table:                        # MarketCL: per-label accuracy, the report's Table 3
         rows = None
-        table = mm.market_table(found, {m: description for m, (description, _, _) in METHODS.items()})
+        table = market_table(found, {m: description for m, (description, _, _) in METHODS.items()})
     else:
         rows = table_rows(found, dataset)
         extra = ["parameters", "wall time / run", "runs", "reference Acc (std) %", "reference BWT %"]
         table = metrics.format_table(rows, extra_columns=extra)
-        mm.atomic_write_json(out / "table.json", {"dataset": dataset, "schedule": schedule, "rows": rows})
+        experiment.atomic_write_json(out / "table.json", {"dataset": dataset, "schedule": schedule,
+                                                          "rows": rows})
     text = f"Dataset {dataset}; {schedule}\n\n" + table
     if rows is not None and per_task_table(found):
         text += "\n\n" + per_task_table(found)
@@ -244,7 +251,7 @@ def plot(results_paths: dict, out: Path, log=print):
     for method, path in results_paths.items():
         if not path.exists():
             continue
-        run = mm.read_results(path)["runs"][0]
+        run = experiment.read_results(path)["runs"][0]
         if "acc_matrix" not in run:
             log(f"--plot draws task-list runs; {method}'s MarketCL results are in {path}")
             continue
@@ -271,56 +278,55 @@ def plot(results_paths: dict, out: Path, log=print):
 def method_name(text: str) -> str:
     name = ALIASES.get(text.lower(), text.lower())
     if name not in METHODS:
-        raise mm.argparse.ArgumentTypeError(
+        raise argparse.ArgumentTypeError(
             f"unknown method {text!r}; choose from {', '.join(METHODS)} (or 1-4)")
     return name
 
 
-def main(argv=None):
-    parser = mm.make_parser(__doc__.split("\n\n")[0])
+def add_method_flags(parser):
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--method", type=method_name, help=f"one of {', '.join(METHODS)} or 1-4")
     group.add_argument("--all", action="store_true", help="every method, then the table (needs --out)")
     group.add_argument("--table", metavar="DIR", help="print the table of a finished --all run")
     parser.add_argument("--plot", action="store_true", help="PNG plots per method (needs matplotlib)")
-    cfg, overridden, args = mm.parse_config(argv, parser)
+
+
+def run_all(cfg, overridden, run_method=run_method):
+    """--all: every method into OUT/<method>, always resuming (finished
+    method-seed pairs are skipped) unless --force; every method's folder is
+    checked before the first one trains."""
+    out = Path(cfg.out)
+    method_cfgs = {method: dataclasses.replace(cfg, out=str(out / method), resume=not cfg.force)
+                   for method in METHODS}
+    for method, method_cfg in method_cfgs.items():
+        experiment.prepare_out(out / method)
+        experiment.saved_runs(method_cfg, method)
+    for method, method_cfg in method_cfgs.items():
+        run_method(method_cfg, method, overridden)
+
+
+def main(argv=None):
+    parser = experiment.make_parser(mm.Config, __doc__.split("\n\n")[0])
+    add_method_flags(parser)
+    cfg, overridden, args = experiment.parse_config(argv, mm.Config, parser, mm.resolve_config)
     if args.all and not cfg.out:
         parser.error("--all needs --out DIR (one sub-folder per method, and the table)")
-    try:
+
+    def run():
         if args.table:
             build_table(Path(args.table), cfg.dataset if "dataset" in overridden else None)
             if args.plot:
                 plot(all_results(Path(args.table)), Path(args.table))
-            return 0
-        if args.method:
+        elif args.method:
             run_method(cfg, args.method, overridden)
             if args.plot and cfg.out:
                 plot({args.method: Path(cfg.out) / "results.json"}, Path(cfg.out))
-            return 0
-        out = Path(cfg.out)
-        # --all always resumes (finished method-seed pairs are skipped) unless
-        # --force; every method's folder is checked before the first one trains.
-        method_cfgs = {method: mm.dataclasses.replace(cfg, out=str(out / method), resume=not cfg.force)
-                       for method in METHODS}
-        for method, method_cfg in method_cfgs.items():
-            mm.prepare_out(out / method)
-            mm.saved_runs(method_cfg, method)
-        for method, method_cfg in method_cfgs.items():
-            run_method(method_cfg, method, overridden)
-        build_table(out, cfg.dataset)
-        if args.plot:
-            plot(all_results(out), out)
-    except (DataError, mm.RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except mm.TrainingDiverged as err:
-        print(f"error: training diverged at {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished tasks are saved; run the same command again to continue",
-              file=sys.stderr)
-        return 130
-    return 0
+        else:
+            run_all(cfg, overridden)
+            build_table(Path(cfg.out), cfg.dataset)
+            if args.plot:
+                plot(all_results(Path(cfg.out)), Path(cfg.out))
+    return experiment.report_errors(run, cfg)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import resource
 import statistics
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import experiment
 import mark_min as mm
 from data import DataError, Split, Task, load_tasks
 
@@ -110,8 +112,8 @@ def time_meta_variant(args) -> float:
     compare_meta_variants)."""
     relu_first, keep = META_VARIANTS[args.meta_variant]
     if keep:
-        mm.keep_freed_memory()
-    device = mm.resolve_device(args.device)
+        experiment.keep_freed_memory()
+    device = experiment.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -122,7 +124,7 @@ def time_meta_variant(args) -> float:
     gen = torch.Generator(device=device).manual_seed(0)
     query = mm.frozen_queries(model, 0, task.train.x)
     with relu_before_pooling() if relu_first else contextlib.nullcontext():
-        mm.step4_meta_update(model, 0, task, mm.dataclasses.replace(cfg, meta_k=2, meta_inner_steps=5),
+        mm.step4_meta_update(model, 0, task, dataclasses.replace(cfg, meta_k=2, meta_inner_steps=5),
                              gen, query)
         seconds, _ = timed(device, lambda: mm.step4_meta_update(model, 0, task, cfg, gen, query))
     return seconds
@@ -164,8 +166,8 @@ def measure_what_the_caches_save(model, task, cfg, gen, epochs, meta_epoch_s) ->
     """
     device, n = task.train.x.device, len(task.train.y)
     run = lambda c: mm.step3_masks_and_head(model, 0, task, c, gen, None)
-    run(mm.dataclasses.replace(cfg, epochs_masks=1))                       # warm-up
-    seconds, _ = timed(device, lambda: run(mm.dataclasses.replace(cfg, epochs_masks=epochs)))
+    run(dataclasses.replace(cfg, epochs_masks=1))                       # warm-up
+    seconds, _ = timed(device, lambda: run(dataclasses.replace(cfg, epochs_masks=epochs)))
     x = task.train.x[:cfg.batch_size]
     with torch.no_grad():
         model.masks(x, 0)                                                   # warm-up
@@ -182,11 +184,11 @@ def measure_what_the_caches_save(model, task, cfg, gen, epochs, meta_epoch_s) ->
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", type=mm.device_flag, help="cpu | cuda | auto")
+    parser.add_argument("--device", default="cpu", type=experiment.device_flag, help="cpu | cuda | auto")
     parser.add_argument("--dataset", default="cifar100", choices=["cifar100", "random"])
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--epochs", type=mm.positive(int), default=2, help="measured epochs per step")
-    parser.add_argument("--threads", type=mm.positive(int), default=None)
+    parser.add_argument("--epochs", type=experiment.positive(int), default=2, help="measured epochs per step")
+    parser.add_argument("--threads", type=experiment.positive(int), default=None)
     parser.add_argument("--no-channels-last", action="store_true", help="measure the NCHW layout")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--meta-rounds", type=int, default=3,
@@ -198,8 +200,8 @@ def main(argv=None):
     if args.meta_variant:
         print(time_meta_variant(args))
         return 0
-    device = mm.resolve_device(args.device)
-    mm.keep_freed_memory()                                  # as every mark_min run does
+    device = experiment.resolve_device(args.device)
+    experiment.keep_freed_memory()                                  # as every mark_min run does
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -212,7 +214,7 @@ def main(argv=None):
     model = mm.build_model(cfg, task.input_shape, [task.num_classes], device)
     gen = torch.Generator(device=device).manual_seed(0)
     n = len(task.train.y)
-    short = lambda **kw: mm.dataclasses.replace(cfg, **kw)
+    short = lambda **kw: dataclasses.replace(cfg, **kw)
 
     steps = {
         "feature_extractor": lambda c: mm.step1_feature_extractor(model, 0, task, c, gen),

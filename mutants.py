@@ -43,14 +43,14 @@ class Mutant:
 MUTANTS = [
     # -- resume (run_seed): every restoring call matters ----------------------
     Mutant("resume-forgets-the-model", "--resume does not load the model's weights",
-           "mark_min.py", 'model.load_state_dict(state["model"])', "pass", "resume"),
+           "experiment.py", 'model.load_state_dict(saved)', "pass", "resume"),
     Mutant("resume-forgets-the-batch-order", "--resume does not restore the data generator",
-           "mark_min.py", 'gen.set_state(state["generator"])', "pass", "resume"),
+           "experiment.py", 'gen.set_state(state["generator"])', "pass", "resume"),
     Mutant("resume-forgets-the-rng", "--resume does not restore torch's random state",
-           "mark_min.py", 'torch.set_rng_state(state["torch_rng"])', "pass", "resume"),
+           "experiment.py", 'torch.set_rng_state(state["torch_rng"])', "pass", "resume"),
     # -- evaluation and task isolation ---------------------------------------
     Mutant("evaluated-with-the-wrong-task", "R[t, u] scored with task t's modules instead of task u's",
-           "mark_min.py", "R[t, u] = evaluate(model, u, tasks[u].test)",
+           "experiment.py", "R[t, u] = evaluate(model, u, tasks[u].test)",
            "R[t, u] = evaluate(model, t, tasks[u].test)", "end_to_end"),
     Mutant("b4-shares-one-kb", "Baseline 4's tasks all use the first KB",
            "mark_min.py", "return self.kbs[t if len(self.kbs) > 1 else 0]", "return self.kbs[0]",
@@ -102,7 +102,7 @@ MUTANTS = [
            "backward_transfer or bwt"),
     # -- SupSup ---------------------------------------------------------------
     Mutant("supsup-wrong-scores", "a SupSup layer builds task t's supermask from another task's scores",
-           "mark_min.py", "return binarize(self.scores[t], self.how, self.density)",
+           "supsup.py", "return binarize(self.scores[t], self.how, self.density)",
            "return binarize(self.scores[t - 1], self.how, self.density)", "supsup_training_task_t"),
     # -- data -----------------------------------------------------------------
     Mutant("market-target-strict", "a close exactly at the target does not count as reaching it",

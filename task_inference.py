@@ -1,0 +1,155 @@
+"""task_inference.py: MARK without the task id, evaluated after a run (beyond the report).
+
+    python task_inference.py --runs 3 --out runs/glyphs_infer          # MARK, then the evaluation
+    python task_inference.py --supsup --out runs/glyphs_infer_supsup   # MARK + SupSup
+    python task_inference.py --out runs/glyphs --resume                # a finished run's checkpoint
+
+MARK, like the paper, is told which task a test image comes from. Here it is
+not: each test batch (all from one task u) is assigned the task t that scores
+best among all learned tasks, then classified with task t's model; a wrong
+task means a wrong label space, so every image of that batch is an error.
+Two scores, both reported (results.json, "task_agnostic"):
+
+  entropy  run every task's full model (F_t, M_t, KB, C_t) and take the most
+           confident one (lowest mean normalised entropy). T full forward
+           passes per batch. ReLU networks are confidently wrong far from
+           their training data, so this can fail even on easy streams.
+  query    how far F_t(x) lies from the nearest class mean of task t's
+           training queries, in units of their within-class std (Lee et al.,
+           2018, with a diagonal covariance; see query_distance). T
+           feature-extractor passes + 1 full pass per batch.
+
+SupSup's one-shot alternative (superpose all masks with weights alpha and
+follow the gradient of the entropy w.r.t. alpha; Wortsman et al. 2020,
+Section 3.3) needs one network whose only task-specific parts are masks.
+MARK keeps a feature extractor per task, so its queries, and hence its masks,
+cannot be superposed; the same two scores serve MARK and MARK + SupSup.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import experiment
+import mark_min as mm
+import supsup
+from experiment import param
+
+
+@dataclass
+class InferenceConfig(supsup.SupSupConfig):
+    supsup: bool = param(False, "run MARK + SupSup (supsup.py) instead of MARK")
+
+
+@dataclass
+class QueryStatistics:
+    """Per task t: the class means of its training queries F_t(x), (T, k, D)
+    (inf for a class with no sample: never the nearest), and their
+    within-class variance per query unit, (T, D)."""
+    means: torch.Tensor
+    var: torch.Tensor
+
+
+@torch.no_grad()
+def query_statistics(model: mm.MARKNet, tasks) -> QueryStatistics:
+    """Class means and within-class variance per unit of each task's training
+    queries (the variance floored at 1% of its mean, so a unit that is dead on
+    the training data cannot dominate a distance): (k + 1) x D numbers per
+    task. F_t is frozen from step 1 on, so these are the queries steps 3-5
+    trained on. With several labels (MarketCL) the first label's classes."""
+    k = max(task.num_classes for task in tasks)
+    means, variances = [], []
+    for t, task in enumerate(tasks):
+        query = mm.frozen_queries(model, t, task.train.x)                          # (N, D)
+        y = task.train.y if task.train.y.dim() == 1 else task.train.y[:, 0]
+        counts = torch.bincount(y, minlength=k).to(query.dtype)                    # (k,)
+        sums = torch.zeros(k, query.shape[1], device=query.device).index_add_(0, y, query)
+        class_means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None],
+                                  torch.full_like(sums, math.inf))
+        var = (query - class_means[y]).pow(2).mean(0)
+        means.append(class_means)
+        variances.append(var.clamp_min(0.01 * float(var.mean()) + 1e-12))
+    return QueryStatistics(torch.stack(means), torch.stack(variances))
+
+
+def normalised_entropy(logits):
+    """Mean entropy of the softmax over a batch, divided by log k (in [0, 1])."""
+    logp = F.log_softmax(logits, 1)
+    return -(logp.exp() * logp).sum(1).mean() / math.log(logits.shape[1])
+
+
+def query_distance(model: mm.MARKNet, stats: QueryStatistics, xb, t):
+    """How unlike task t's training queries F_t(xb) are: for each image, the
+    squared distance to the NEAREST class mean of task t's training queries,
+    per unit in units of the within-class variance; the mean over the batch.
+
+    Why class means and not one mean: F_t is trained to separate task t's
+    classes, so its queries form one cluster per class. A single Gaussian
+    around the overall mean calls the empty middle between the clusters the
+    most typical place, and an unfamiliar image, which excites no class's
+    features, lands exactly there: that score picked a wrong task for every
+    test batch of CIFAR-100 and glyphs (measured).
+    """
+    q = model.extractors(xb, t)                                                # (B, D)
+    d2 = ((q[:, None, :] - stats.means[t]) ** 2 / stats.var[t]).mean(2)         # (B, k)
+    return d2.min(1).values.mean()
+
+
+@torch.inference_mode()
+def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
+    """Both scores over every test batch of every task: the fraction of batches
+    whose task is found, and the accuracy when the inferred task's model
+    classifies (a batch given to the wrong task counts as all wrong)."""
+    model.eval()
+    T = len(tasks)
+    names = ("entropy", "query") if model.use_masks else ("entropy",)   # baselines have no F_t
+    stats = query_statistics(model, tasks) if model.use_masks else None
+    tally = {name: {"hits": 0, "correct": 0} for name in names}
+    batches = seen = 0
+    for u, task in enumerate(tasks):
+        for xb, yb in zip(task.test.x.split(batch_size), task.test.y.split(batch_size)):
+            logits = [model(xb, t) for t in range(T)]
+            guesses = {"entropy": int(torch.stack([normalised_entropy(lg) for lg in logits]).argmin())}
+            if model.use_masks:
+                guesses["query"] = int(torch.stack([query_distance(model, stats, xb, t)
+                                                    for t in range(T)]).argmin())
+            for name, guess in guesses.items():
+                if guess == u:
+                    tally[name]["hits"] += 1
+                    tally[name]["correct"] += int((logits[u].argmax(1) == yb).sum())
+            batches, seen = batches + 1, seen + len(yb)
+    return {name: {"task_inference_accuracy": c["hits"] / batches,
+                   "accuracy_inferred_task": c["correct"] / seen,
+                   "forward_passes_per_batch": f"{T} full" if name == "entropy" else f"{T} F_t + 1 full"}
+            for name, c in tally.items()} | {"batch_size": batch_size}
+
+
+def after_run(model, tasks, record, log) -> dict:
+    """experiment.run_seed's after_run: evaluate the finished model without the
+    task id, log both scores, return what results.json keeps."""
+    agnostic = evaluate_without_task_id(model, tasks)
+    for name in [n for n in ("entropy", "query") if n in agnostic]:
+        log(f"[{record['method']} seed {record['seed']}] without the task id ({name}): task inferred for "
+            f"{100 * agnostic[name]['task_inference_accuracy']:.1f}% of test batches, accuracy "
+            f"{100 * agnostic[name]['accuracy_inferred_task']:.2f}% (task given: {100 * record['acc']:.2f}%)")
+    return agnostic | {"accuracy_given_task": record["acc"]}
+
+
+AFTER_RUN = ("task_agnostic", after_run)
+
+
+def main(argv=None):
+    cfg, given, args = mm.parse(argv, InferenceConfig, __doc__.split("\n\n")[0])
+    method, build = ("supsup", supsup.build_model) if cfg.supsup else ("mark", mm.build_model)
+    if args.describe:
+        return experiment.report_errors(lambda: mm.describe(cfg, build=build), cfg)
+    return experiment.report_errors(
+        lambda: mm.run(cfg, given, method, build=build, after_run=AFTER_RUN), cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
