@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import metrics
-from data import (MARKET_DATASETS, MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS, MARKET_NUM_CLASSES,
-                  MARKET_SYNTHETIC_FOLDER, DataError,
-                  MarketStream, Task, batch_indices, default_data_dir, load_market, load_tasks,
-                  write_synthetic_market)
+from data import DataError, Task, batch_indices, default_data_dir, load_tasks
+from market_data import (MARKET_DATASETS, MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS,
+                         MARKET_NUM_CLASSES, MARKET_SYNTHETIC_FOLDER, MarketStream, load_market,
+                         write_synthetic_market)
 
 # ---------------------------------------------------------------------------
 # Configuration: every hyperparameter in one place, with where it comes from.
@@ -1547,8 +1547,19 @@ def run_experiment(cfg: Config, method: str, train_task, model_kwargs, overridde
                         + (f" (no {ckpt.name} to evaluate without the task id)" if wants_agnostic else ""))
                     continue
             data_kwargs = {"path": cfg.path} if cfg.path else {}
-            tasks = load_tasks(cfg.dataset, data_dir=cfg.data_dir, seed=seed,
-                               num_tasks=cfg.num_tasks, device=device, **data_kwargs)
+            if cfg.dataset == "imagedata":
+                try:        # imagedata.py imports data.py, never the reverse
+                    import imagedata
+                except ModuleNotFoundError as err:
+                    if err.name != "imagedata":
+                        raise
+                    raise DataError("--dataset imagedata needs imagedata.py beside mark_min.py, "
+                                    "and it is missing") from None
+                tasks = imagedata.load_imagedata(cfg.data_dir, seed=seed, num_tasks=cfg.num_tasks,
+                                                 device=device)
+            else:
+                tasks = load_tasks(cfg.dataset, data_dir=cfg.data_dir, seed=seed,
+                                   num_tasks=cfg.num_tasks, device=device, **data_kwargs)
             check_image_shape(cfg, tasks[0].input_shape, cfg.path or cfg.dataset)
             if cfg.channels_last:
                 for task in tasks:
