@@ -106,10 +106,10 @@ MUTANTS = [
            "return binarize(self.scores[t - 1], self.how, self.density)", "supsup_training_task_t"),
     # -- data -----------------------------------------------------------------
     Mutant("market-target-strict", "a close exactly at the target does not count as reaching it",
-           "data.py", "(close[None, :] >= (close * (1 + target))[:, None])",
+           "market_data.py", "(close[None, :] >= (close * (1 + target))[:, None])",
            "(close[None, :] > (close * (1 + target))[:, None])", "label_rule or threshold_ties"),
     Mutant("market-stop-inclusive", "a close exactly at the stop level stops",
-           "data.py", "(close[None, :] < (close * (1 - stop))[:, None])",
+           "market_data.py", "(close[None, :] < (close * (1 - stop))[:, None])",
            "(close[None, :] <= (close * (1 - stop))[:, None])", "label_rule or threshold_ties"),
     Mutant("unpickler-unrestricted", "CIFAR-100's pickles may call any function",
            "data.py", "    def find_class(self, module, name):\n        if (module, name) in _PICKLE_GLOBALS:",

@@ -23,7 +23,8 @@ import torch
 
 import baselines
 import mark_min as mm
-from data import DataError, load_tasks, read_market_csv, write_synthetic_market
+from data import DataError, load_tasks
+from market_data import read_market_csv, write_synthetic_market
 from test_mark import tiny_cfg, tiny_tasks
 
 torch.set_num_threads(1)
