@@ -121,11 +121,13 @@ def load_task_stream(cfg, seed: int, device) -> list:
     options = dict(data_dir=cfg.data_dir, seed=seed, num_tasks=cfg.num_tasks, device=device,
                    classes_per_task=getattr(cfg, "classes_per_task", None))
     if cfg.dataset == "imagedata":
-        try:
+        try:        # imagedata.py imports data.py, never the reverse
             import imagedata
-        except ModuleNotFoundError:
-            raise DataError("--dataset imagedata needs imagedata.py, which is not in this copy "
-                            "of the project") from None
+        except ModuleNotFoundError as err:
+            if err.name != "imagedata":
+                raise
+            raise DataError("--dataset imagedata needs imagedata.py beside mark_min.py, "
+                            "and it is missing") from None
         return imagedata.load_imagedata(**options)
     return load_tasks(cfg.dataset, **options, **({"path": cfg.path} if cfg.path else {}))
 
@@ -277,7 +279,10 @@ def run_seed(cfg, method: str, seed: int, tasks, train_task, build_model, device
     """
     T = len(tasks)
     seed_everything(seed)
-    model = build_model(cfg, tasks[0].input_shape, [task.num_classes for task in tasks], device)
+    try:        # a model that cannot take the data (images too small) says so, naming the data
+        model = build_model(cfg, tasks[0].input_shape, [task.num_classes for task in tasks], device)
+    except DataError as err:
+        raise DataError(f"{getattr(cfg, 'path', None) or cfg.dataset}: {err}") from None
     gen = torch.Generator(device=device).manual_seed(seed)
     R = np.full((T, T), np.nan)
     identity = run_identity(cfg, method, seed)

@@ -855,11 +855,12 @@ def describe(cfg: Config, log=print, storage=STORAGE, build=None, **kwargs) -> i
 # Command line
 # ---------------------------------------------------------------------------
 
-def run(cfg: Config, given=frozenset(), method="mark", train_task=train_task_mark, build=build_model,
+def run(cfg: Config, given=frozenset(), method="mark", train_task=None, build=None,
         log=experiment.log_line, after_run=None) -> dict:
-    """Train `method` on cfg's stream for every seed; results.json in cfg.out."""
-    return experiment.run_experiment(cfg, method, train_task, build, describe_schedule(cfg, given),
-                                     log=log, after_run=after_run)
+    """Train `method` on cfg's stream for every seed; results.json in cfg.out.
+    Default: MARK (train_task_mark, build_model)."""
+    return experiment.run_experiment(cfg, method, train_task or train_task_mark, build or build_model,
+                                     describe_schedule(cfg, given), log=log, after_run=after_run)
 
 
 def parse(argv, config_class=Config, description=None, resolve=resolve_config):

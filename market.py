@@ -455,7 +455,13 @@ def run_method(cfg: MarketConfig, method: str, overridden=frozenset(), log=exper
                                  mm.describe_schedule(cfg, overridden), log)
 
 
-def main(argv=None):
+def build_table(out, dataset=None, log=print):
+    """The report's Table 3 from OUT/<method>/results.json (baselines.build_table)."""
+    return baselines.build_table(Path(out), dataset, log, cfg=MarketConfig(), market_table=market_table)
+
+
+def parse(argv):
+    """(cfg, the flags given, the namespace) of market.py's command line."""
     parser = experiment.make_parser(MarketConfig, __doc__.split("\n\n")[0])
     parser.add_argument("--describe", action="store_true", help="print the parameter and storage tables")
     group = parser.add_mutually_exclusive_group()
@@ -463,21 +469,24 @@ def main(argv=None):
                        help=f"one of {', '.join(baselines.METHODS)} or 1-4 (default mark)")
     group.add_argument("--all", action="store_true", help="every method, then the table (needs --out)")
     group.add_argument("--table", metavar="DIR", help="print the table of a finished --all run")
-    cfg, overridden, args = experiment.parse_config(argv, MarketConfig, parser, resolve_config)
+    cfg, given, args = experiment.parse_config(argv, MarketConfig, parser, resolve_config)
     if args.all and not cfg.out:
         parser.error("--all needs --out DIR (one sub-folder per method, and the table)")
+    return cfg, given, args
+
+
+def main(argv=None):
+    cfg, given, args = parse(argv)
 
     def run():
         if args.describe:
             describe(cfg)
         elif args.table or args.all:
-            out = Path(args.table or cfg.out)
             if args.all:
-                baselines.run_all(cfg, overridden, run_method)
-            baselines.build_table(out, cfg.dataset if "dataset" in overridden else None, cfg=cfg,
-                                  market_table=market_table)
+                baselines.run_all(cfg, given, run_method)
+            build_table(args.table or cfg.out, cfg.dataset if "dataset" in given else None)
         else:
-            run_method(cfg, args.method, overridden)
+            run_method(cfg, args.method, given)
     return experiment.report_errors(run, cfg, unit="days")
 
 

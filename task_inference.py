@@ -54,26 +54,30 @@ class QueryStatistics:
     var: torch.Tensor
 
 
+def class_statistics(query, y, k):
+    """The class means of queries (N, D) with classes y (N,) of k, (k, D) (inf
+    for a class with no sample: never the nearest), and their within-class
+    variance per unit, (D,), floored at 1% of its mean so that a unit that is
+    dead on the training data cannot dominate a distance."""
+    counts = torch.bincount(y, minlength=k).to(query.dtype)                     # (k,)
+    sums = torch.zeros(k, query.shape[1], device=query.device).index_add_(0, y, query)
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None],
+                        torch.full_like(sums, math.inf))
+    var = (query - means[y]).pow(2).mean(0)
+    return means, var.clamp_min(0.01 * float(var.mean()) + 1e-12)
+
+
 @torch.no_grad()
 def query_statistics(model: mm.MARKNet, tasks) -> QueryStatistics:
-    """Class means and within-class variance per unit of each task's training
-    queries (the variance floored at 1% of its mean, so a unit that is dead on
-    the training data cannot dominate a distance): (k + 1) x D numbers per
-    task. F_t is frozen from step 1 on, so these are the queries steps 3-5
-    trained on. With several labels (MarketCL) the first label's classes."""
+    """class_statistics of each task's training queries F_t(x): (k + 1) x D
+    numbers per task. F_t is frozen from step 1 on, so these are the queries
+    steps 3-5 trained on. With several labels (MarketCL) the first label's
+    classes."""
     k = max(task.num_classes for task in tasks)
-    means, variances = [], []
-    for t, task in enumerate(tasks):
-        query = mm.frozen_queries(model, t, task.train.x)                          # (N, D)
-        y = task.train.y if task.train.y.dim() == 1 else task.train.y[:, 0]
-        counts = torch.bincount(y, minlength=k).to(query.dtype)                    # (k,)
-        sums = torch.zeros(k, query.shape[1], device=query.device).index_add_(0, y, query)
-        class_means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None],
-                                  torch.full_like(sums, math.inf))
-        var = (query - class_means[y]).pow(2).mean(0)
-        means.append(class_means)
-        variances.append(var.clamp_min(0.01 * float(var.mean()) + 1e-12))
-    return QueryStatistics(torch.stack(means), torch.stack(variances))
+    stats = [class_statistics(mm.frozen_queries(model, t, task.train.x),
+                              task.train.y if task.train.y.dim() == 1 else task.train.y[:, 0], k)
+             for t, task in enumerate(tasks)]
+    return QueryStatistics(torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats]))
 
 
 def normalised_entropy(logits):

@@ -1,7 +1,7 @@
-"""test_runs.py: run folders that never mix or lose results, and one clear
+"""test_experiment.py: run folders that never mix or lose results, and one clear
 error for every bad input (flags, run files, data).
 
-    python -m pytest -q test_runs.py
+    python -m pytest -q test_experiment.py
 
 Every test reproduces a mistake a careful or a careless user can make and
 checks the outcome: the right result, or one `error:` line that names what is
@@ -22,7 +22,9 @@ import pytest
 import torch
 
 import baselines
+import experiment
 import mark_min as mm
+import market
 from data import DataError, load_tasks
 from market_data import read_market_csv, write_synthetic_market
 from test_mark import tiny_cfg, tiny_tasks
@@ -34,7 +36,7 @@ def cli_flags(cfg: mm.Config) -> list[str]:
     """The flags that give cfg's hyperparameters on the command line, so a
     command runs exactly tiny_cfg's model and schedule."""
     flags = []
-    for name in sorted(mm.HYPERPARAMETERS):
+    for name in sorted(experiment.fields_with_role(mm.Config, "hyper")):
         value, default = getattr(cfg, name), getattr(mm.Config(), name)
         if value == default:
             continue
@@ -59,7 +61,7 @@ MARKET = ["--dataset", "market", "--num-tasks", "2", "--num-days", "3", "--profi
 @pytest.fixture
 def tiny_stream(monkeypatch):
     """The programs load test_mark's tiny stream (3 tasks) instead of a dataset."""
-    monkeypatch.setattr(mm, "load_tasks", lambda name, seed, **kw: tiny_tasks(T=3, seed=seed))
+    monkeypatch.setattr(experiment, "load_task_stream", lambda cfg, seed, device: tiny_tasks(T=3, seed=seed))
 
 
 @pytest.fixture
@@ -90,7 +92,7 @@ def one_error_line(err: str) -> str:
 def snapshot(folder) -> dict:
     """Every file under folder and its bytes (the lock file aside)."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != mm.LOCK_FILE}
+            if p.is_file() and p.name != experiment.LOCK_FILE}
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def two_seeds(tmp_path_factory):
         return train(model, t, task, cfg, gen, timer)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mm, "load_tasks", lambda name, seed, **kw: tiny_tasks(T=3, seed=seed))
+        patch.setattr(experiment, "load_task_stream", lambda cfg, seed, device: tiny_tasks(T=3, seed=seed))
         patch.setattr(mm, "train_task_mark", stop_in_seed1_task2)
         assert mm.main(TINY + ["--runs", "2", "--out", str(folder)]) == 130
     return folder
@@ -133,9 +135,9 @@ def test_summaries_count_finished_runs_only_in_results_json_and_in_the_table(two
 
 
 def test_every_run_records_its_identity_in_results_json_and_checkpoint(two_seeds):
-    cfg, _, _ = mm.parse_config(TINY)
+    cfg, _, _ = mm.parse(TINY)
     for run in read(two_seeds)["runs"]:
-        assert run["identity"] == mm.run_identity(cfg, "mark", run["seed"])
+        assert run["identity"] == experiment.run_identity(cfg, "mark", run["seed"])
         state = torch.load(two_seeds / f"checkpoint_mark_seed{run['seed']}.pt", weights_only=True)
         assert state["identity"] == run["identity"]
 
@@ -201,7 +203,7 @@ def test_a_folder_holding_a_run_needs_resume_and_force_says_what_it_replaces(fol
 
 def test_a_second_process_cannot_write_into_a_folder_in_use(folder, tiny_stream, no_training, capsys):
     before = snapshot(folder)
-    with mm.folder_lock(folder):
+    with experiment.folder_lock(folder):
         code, err = run(mm.main, TINY + ["--runs", "2", "--out", str(folder), "--resume"], capsys)
     assert code == 1 and f"being written by another run (process {os.getpid()})" in one_error_line(err)
     assert snapshot(folder) == before
@@ -213,16 +215,16 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
          "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-         str(tmp_path / mm.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+         str(tmp_path / experiment.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(mm.RunError, match="being written by another run"):
-            with mm.folder_lock(tmp_path):
+        with pytest.raises(experiment.RunError, match="being written by another run"):
+            with experiment.folder_lock(tmp_path):
                 pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with mm.folder_lock(tmp_path):
+    with experiment.folder_lock(tmp_path):
         pass
 
 
@@ -235,7 +237,7 @@ def market_run(tmp_path_factory):
     """A finished MarketCL run of 2 symbols x 2 training days, and its source folder."""
     root = tmp_path_factory.mktemp("market")
     write_synthetic_market(root / "bars", seed=0, num_symbols=2, num_days=4)
-    assert mm.main(MARKET + ["--source", str(root / "bars"), "--out", str(root / "run")]) == 0
+    assert market.main(MARKET + ["--source", str(root / "bars"), "--out", str(root / "run")]) == 0
     return root
 
 
@@ -251,7 +253,7 @@ def test_market_resume_with_other_settings_is_refused(market_run, tmp_path, chan
     if change == "other source":
         source, change = shutil.copytree(source, tmp_path / "bars2"), []
     before = snapshot(folder)
-    code, err = run(mm.main, MARKET + change + ["--source", str(source), "--out", str(folder),
+    code, err = run(market.main, MARKET + change + ["--source", str(source), "--out", str(folder),
                                                 "--resume"], capsys)
     line = one_error_line(err)
     assert code == 1 and all(words in line for words in saved_now)
@@ -398,7 +400,7 @@ def test_damaged_results_stop_the_table_with_one_error_naming_the_file(tmp_path,
 ])
 def test_bad_flags_are_refused_by_the_parser_with_a_reason(argv, words, capsys):
     with pytest.raises(SystemExit) as stop:
-        mm.parse_config(argv)
+        mm.parse(argv)
     assert stop.value.code == 2 and words in one_error_line(capsys.readouterr().err)
 
 
