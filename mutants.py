@@ -115,6 +115,10 @@ MUTANTS = [
            "data.py", "    def find_class(self, module, name):\n        if (module, name) in _PICKLE_GLOBALS:",
            "    def find_class(self, module, name):\n        return super().find_class(module, name)\n"
            "        if (module, name) in _PICKLE_GLOBALS:", "pickle_that_calls"),
+    # -- the layout -----------------------------------------------------------
+    Mutant("core-imports-an-extension", "mark_min.py imports supsup.py (lazily, inside main)",
+           "mark_min.py", "    cfg, given, args = parse(argv)\n",
+           "    import supsup  # noqa\n    cfg, given, args = parse(argv)\n", "lower_layers"),
 ]
 
 

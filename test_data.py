@@ -453,3 +453,4 @@ def test_batches_of_a_sequence_split_keep_x_lengths_and_labels_together():
         assert _rows_are_intact(batch.x) == batch.y.tolist()
         assert batch.x.lengths.tolist() == [[3, 1, 4, 1, 5, 9, 2, 6][i] for i in batch.y.tolist()]
 
+

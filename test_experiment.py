@@ -27,6 +27,7 @@ import mark_min as mm
 import market
 from data import DataError, load_tasks
 from market_data import read_market_csv, write_synthetic_market
+from test_data import _npz_arrays
 from test_mark import tiny_cfg, tiny_tasks
 
 torch.set_num_threads(1)
@@ -546,3 +547,19 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default_only(fold
     assert code == 1 and "--meta-acc-dropout False saved, True now" in one_error_line(err)
     assert mm.main(TINY + ["--runs", "2", "--out", str(folder), "--resume"]) == 0
     assert [r["tasks_done"] for r in read(folder)["runs"]] == [3, 3]
+
+
+def test_classes_per_task_cuts_the_stream_as_asked_and_defaults_per_dataset(tmp_path):
+    """--classes-per-task reaches the loader; without it an npz stream has
+    tasks of 2 (Split-MNIST's), and a size that does not divide is refused."""
+    path = tmp_path / "six.npz"
+    np.savez(path, **_npz_arrays(classes=6))
+    load = lambda **kw: experiment.load_task_stream(mm.Config(dataset="npz", path=str(path), **kw), 0, "cpu")
+    assert [task.num_classes for task in load()] == [2, 2, 2]
+    assert [task.num_classes for task in load(classes_per_task=3)] == [3, 3]
+    with pytest.raises(DataError, match="6 classes do not divide into tasks of 4"):
+        load(classes_per_task=4)
+    cfg, _, _ = mm.parse(["--dataset", "npz", "--path", str(path), "--classes-per-task", "3"])
+    assert cfg.classes_per_task == 3
+    with pytest.raises(SystemExit):
+        mm.parse(["--classes-per-task", "0"])

@@ -10,9 +10,13 @@ test_market.py, test_data.py, test_imagedata.py, test_market_data.py,
 test_metrics.py. The helpers below (a tiny configuration and stream) serve
 them all.
 """
+import ast
 import copy
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -720,3 +724,48 @@ def test_masks_start_near_all_ones_so_the_kb_signal_passes():
     assert all(0.8 < v < 1.2 for v in level["ones"])
     assert all(v < 0.3 for v in level["default"])
     assert spread["ones"] > 10 * spread["default"]
+
+
+# ---------------------------------------------------------------------------
+# The layout: imports run one way, and MARK runs without its extensions
+# ---------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+# Each module's layer: a module imports only from lower layers (lazily too).
+LAYERS = {"data": 0, "metrics": 0, "imagedata": 1, "market_data": 1, "experiment": 2, "mark_min": 3,
+          "supsup": 4, "baselines": 5, "task_inference": 5, "market": 6, "bench": 7, "mutants": 7}
+
+
+def project_imports(module: str) -> set[str]:
+    """Every project module `module` imports, at the top or inside a function."""
+    tree = ast.parse((HERE / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(LAYERS)
+
+
+def test_every_module_has_a_layer_and_imports_only_from_lower_layers():
+    modules = {p.stem for p in HERE.glob("*.py") if not p.stem.startswith(("test_", "conftest"))}
+    assert modules == set(LAYERS), "a new module needs its place in LAYERS"
+    for module in LAYERS:
+        upwards = {m for m in project_imports(module) if LAYERS[m] >= LAYERS[module]}
+        assert not upwards, f"{module}.py imports {upwards}, which are not below it"
+
+
+def test_mark_runs_on_its_own_without_the_side_modules(tmp_path):
+    """Deleting SupSup, task inference, MarketCL and ImageData leaves MARK and
+    its baselines working."""
+    for name in ("data", "metrics", "experiment", "mark_min", "baselines"):
+        shutil.copy(HERE / f"{name}.py", tmp_path)
+    run = lambda *argv: subprocess.run([sys.executable, *argv, "--num-tasks", "2", "--epoch-scale", "0.1",
+                                        "--meta-inner-steps", "2", "--threads", "1"],
+                                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    for argv in (["mark_min.py"], ["baselines.py", "--method", "b1"]):
+        done = run(*argv)
+        assert done.returncode == 0 and "ACC" in done.stdout, done.stderr
+    done = run("mark_min.py", "--dataset", "imagedata")
+    assert done.returncode == 1 and "needs imagedata.py" in done.stderr
