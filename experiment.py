@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -684,6 +685,28 @@ def non_negative(kind):
             raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
         return value
     return parse
+
+
+@dataclass
+class RunSettings:
+    """Where and how a run runs, the settings every method's configuration
+    starts with (mark_min.Config and the extensions' classes inherit them).
+    None of them changes a run's numbers (role "run")."""
+    data_dir: str | None = param(None, "folder of the datasets (default: $MARK_DATA_DIR, else ./data)", "run")
+    seed: int = param(0, "seed of python, numpy, torch and the class order (default 0)", "run", type=int)
+    runs: int = param(1, "run seeds seed .. seed+runs-1 (default 1)", "run", type=positive(int))
+    device: str = param("auto", "auto (CUDA if torch sees a device, else the CPU) | cpu | cuda | cuda:N",
+                        "run", type=device_flag)
+    out: str | None = param(None, "folder for results.json and checkpoints (default: none, nothing saved)",
+                            "run")
+    resume: bool = param(False, "continue the runs in --out; refused if they ran with other settings",
+                         "run")
+    force: bool = param(False, "replace the results.json and checkpoints in --out (a folder that holds "
+                        "a run is otherwise refused without --resume)", "run")
+    threads: int | None = param(None, "torch CPU threads (default: torch's choice, one per core)", "run",
+                                type=positive(int))
+    deterministic: bool = param(False, "CUDA: deterministic kernels only, so a --resume'd run equals an "
+                                "uninterrupted one; slower. The CPU is deterministic without it", "run")
 
 
 def make_parser(config_class, description: str) -> argparse.ArgumentParser:

@@ -64,12 +64,13 @@ from experiment import TrainingDiverged, param
 
 
 @dataclass
-class Config:
+class Config(experiment.RunSettings):
+    # (experiment.RunSettings: --seed, --runs, --device, --out, --resume, --force,
+    # --data-dir, --threads, --deterministic: where and how a run runs)
     # -- what to run --------------------------------------------------------
     dataset: str = param("glyphs", "glyphs (synthetic, offline; the default), cifar100 (the paper's "
                          "20-Split CIFAR-100), imagedata (the course report's), npz (--path)",
                          "data", choices=["glyphs", "cifar100", "imagedata", "npz"])
-    data_dir: str | None = param(None, "folder of the datasets (default: $MARK_DATA_DIR, else ./data)", "run")
     path: str | None = param(None, "--dataset npz: the .npz file (x_train, y_train, x_test, y_test)", "data")
     num_tasks: int | None = param(None, "keep only the first N tasks of the stream (default: all)", "data",
                                   type=experiment.positive(int))
@@ -80,16 +81,6 @@ class Config:
                                 "meta-epoch) | quick; default: paper for cifar100, else quick", "run",
                                 choices=["paper", "short", "quick"])
     epoch_scale: float = param(1.0, "multiply every epoch count, after the profile (default 1)", "run")
-    seed: int = param(0, "seed of python, numpy, torch and the class order (default 0)", "run", type=int)
-    runs: int = param(1, "run seeds seed .. seed+runs-1 (default 1)", "run", type=experiment.positive(int))
-    device: str = param("auto", "auto (CUDA if torch sees a device, else the CPU) | cpu | cuda | cuda:N",
-                        "run", type=experiment.device_flag)
-    out: str | None = param(None, "folder for results.json and checkpoints (default: none, nothing saved)",
-                            "run")
-    resume: bool = param(False, "continue the runs in --out; refused if they ran with other settings",
-                         "run")
-    force: bool = param(False, "replace the results.json and checkpoints in --out (a folder that holds "
-                        "a run is otherwise refused without --resume)", "run")
     # -- model: the authors' code's layers ---------------------------------------
     latent: int = param(128, "size of F_t's query and of the KB's output (authors' code: 128)",
                         type=experiment.positive(int))
@@ -146,10 +137,6 @@ class Config:
                            choices=["auto", "loop", "vmap"])
     channels_last: bool = param(True, "channels-last memory layout for the conv nets (faster on CPU and "
                                 "GPU; same numbers)", "run")
-    threads: int | None = param(None, "torch CPU threads (default: torch's choice, one per core)", "run",
-                                type=experiment.positive(int))
-    deterministic: bool = param(False, "CUDA: deterministic kernels only, so a --resume'd run equals an "
-                                "uninterrupted one; slower. The CPU is deterministic without it", "run")
 
     # Settings that moved to an extension's class, with the value that meant
     # "not used" (experiment.with_new_settings): runs saved before the move
