@@ -1,6 +1,7 @@
 """baselines.py: the baselines and the ablation beside MARK, and the reproduction table.
 
     python baselines.py --method b1                          # one method, glyphs, quick profile
+    python baselines.py --method ewc --ewc-lambda 100        # EWC, with its own flag
     python baselines.py --all --runs 3 --out runs/glyphs     # MARK, B1-B4, ablation + table
     python baselines.py --all --dataset cifar100 --profile short --out runs/c100
     python baselines.py --table runs/glyphs                  # just print the table again
@@ -17,12 +18,17 @@ the course report's, Aggarwal & Agarwal); nothing is copied:
     b3        KB + F_t, M_t, C_t            step 1, then KB + M_t + C_t trained together
     b4        one KB + C_t per task         step 2 on the task's own KB (no sharing)
     ablation  as MARK                       steps 1, (2), 3, 5: the KB frozen after task 1
+    ewc       KB + C_t, no masks            step 2 + EWC penalty, then the task's Fisher (EWC,
+                                            Kirkpatrick et al. 2017; --ewc-lambda)
 
 Every method takes the flags of mark_min.py (dataset, seed, runs, device,
 profile, --out, ...) and writes the same results.json schema, to
-OUT/<method>/results.json with --all. --all can be stopped and started again:
-finished method-seed pairs are not run again. The same methods run on
-MarketCL through market.py.
+OUT/<method>/results.json with --all. A method may add settings of its own
+(its Method's config_class: EWC's --ewc-lambda), which only it takes, and a
+state of its own (make_state: EWC's Fisher and anchor), which its checkpoints
+carry. --all can be stopped and started again: finished method-seed pairs are
+not run again. The same methods run on MarketCL through market.py, except
+those with settings of their own (EWC).
 """
 from __future__ import annotations
 
