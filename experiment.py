@@ -717,7 +717,14 @@ def make_parser(config_class, description: str) -> argparse.ArgumentParser:
     be finite and >= 0."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(config_class):
+    add_field_flags(parser, dataclasses.fields(config_class))
+    return parser
+
+
+def add_field_flags(parser, fields):
+    """make_parser's flags for some fields of a settings class, on a parser or
+    an argument group (baselines.py: each method's own settings)."""
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"default": argparse.SUPPRESS, "help": f.metadata.get("help")}
         if "choices" in f.metadata:
@@ -732,7 +739,6 @@ def make_parser(config_class, description: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=non_negative(type(f.default)), **kwargs)
         else:
             parser.add_argument(flag, type=str, **kwargs)
-    return parser
 
 
 def parse_config(argv, config_class, parser, resolve=lambda cfg, given: cfg):

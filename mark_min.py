@@ -557,15 +557,21 @@ def step1_feature_extractor(model: MARKNet, t, task: Task, cfg: Config, gen):
     return frozen_queries(model, t, x)
 
 
-def step2_pretrain_kb(model: MARKNet, t, task: Task, cfg: Config, gen):
+def step2_pretrain_kb(model: MARKNet, t, task: Task, cfg: Config, gen, extra_loss=None):
     """Step 2. "First task only: pre-train the KB. Train KB + C_0 with no masks
     (all ones) for 50 epochs. This is the only ordinary training the KB gets."
 
     Baselines 1, 2 and 4 call this on every task (no masks at all).
+    extra_loss: None, or a function of no arguments returning a scalar tensor
+    that is added to the loss of every batch (a regulariser of the weights:
+    baselines.py's EWC penalty). None trains exactly as before.
     """
     kb = model.kb(t)
     x, y = task.train.x, task.train.y
-    fit(model, cfg, gen, len(y), lambda i: model.loss(model.heads(kb(x[i]), t), y[i], t),
+    loss = lambda i: model.loss(model.heads(kb(x[i]), t), y[i], t)
+    if extra_loss is not None:
+        task_loss, loss = loss, lambda i: task_loss(i) + extra_loss()
+    fit(model, cfg, gen, len(y), loss,
         params=[*kb.parameters(), *model.heads.task_parameters(t)],
         train_modules=[kb, model.heads.task_module(t)],
         epochs=cfg.epochs_kb, lr=cfg.lr, where=f"task {t}, step 2 (KB pre-training)",

@@ -447,12 +447,18 @@ def describe(cfg: MarketConfig, log=print) -> int:
                                shape=MARKET_SHAPE, classes=classes, note=note)
 
 
+# The methods of baselines.py whose settings MarketConfig carries: every one
+# whose config class is mm.Config. EWC's (baselines.EWCConfig) is not: its
+# Fisher is written for one label per sample and a task-list stream.
+MARKET_METHODS = [name for name, m in baselines.METHODS.items() if issubclass(MarketConfig, m.config_class)]
+
+
 def run_method(cfg: MarketConfig, method: str, overridden=frozenset(), log=experiment.log_line) -> dict:
     """One of baselines.METHODS (MARK by default) on MarketCL; with --supsup,
     the method's model takes SupSup's mask generator and head."""
-    description, train_task, options = baselines.METHODS[method]
-    return run_market_experiment(cfg, method, train_task, partial(build_model, **options),
-                                 mm.describe_schedule(cfg, overridden), log)
+    m = baselines.METHODS[method]
+    return run_market_experiment(baselines.method_config(method, cfg), method, m.train_task,
+                                 m.builder(build_model), mm.describe_schedule(cfg, overridden), log)
 
 
 def build_table(out, dataset=None, log=print):
@@ -466,12 +472,15 @@ def parse(argv):
     parser.add_argument("--describe", action="store_true", help="print the parameter and storage tables")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--method", type=baselines.method_name, default="mark",
-                       help=f"one of {', '.join(baselines.METHODS)} or 1-4 (default mark)")
+                       help=f"one of {', '.join(MARKET_METHODS)} or 1-4 (default mark)")
     group.add_argument("--all", action="store_true", help="every method, then the table (needs --out)")
     group.add_argument("--table", metavar="DIR", help="print the table of a finished --all run")
     cfg, given, args = experiment.parse_config(argv, MarketConfig, parser, resolve_config)
     if args.all and not cfg.out:
         parser.error("--all needs --out DIR (one sub-folder per method, and the table)")
+    if args.method not in MARKET_METHODS:
+        parser.error(f"--method {args.method} runs on task lists only (python baselines.py "
+                     f"--method {args.method}); on MarketCL: {', '.join(MARKET_METHODS)}")
     return cfg, given, args
 
 
@@ -483,7 +492,7 @@ def main(argv=None):
             describe(cfg)
         elif args.table or args.all:
             if args.all:
-                baselines.run_all(cfg, given, run_method)
+                baselines.run_all(cfg, given, run_method, MARKET_METHODS)
             build_table(args.table or cfg.out, cfg.dataset if "dataset" in given else None)
         else:
             run_method(cfg, args.method, given)

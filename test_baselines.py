@@ -10,7 +10,11 @@ import baselines
 import experiment
 import mark_min as mm
 from metrics import backward_transfer
-from test_mark import CPU, kb_changed, tiny_cfg, tiny_tasks, train_stream
+from test_mark import CPU, assert_identical, kb_changed, run_tiny, tiny_cfg, tiny_tasks, train_stream
+
+# An EWC strength at which the penalty clearly keeps the tiny stream's first
+# tasks (test_ewc_forgets_less_than_baseline1_on_the_tiny_stream).
+EWC_STRONG = 1000.0
 
 # ---------------------------------------------------------------------------
 # baselines.py: each method's defining property, on a tiny stream
@@ -19,8 +23,8 @@ from test_mark import CPU, kb_changed, tiny_cfg, tiny_tasks, train_stream
 def train_method(method, T=3, **cfg_over):
     """Train `method` on a tiny stream; return the model, the tasks, R and the
     KB's state after each task."""
-    _, train_task, model_options = baselines.METHODS[method]
-    return train_stream(train_task, T, partial(mm.build_model, **model_options), **cfg_over)
+    m = baselines.METHODS[method]
+    return train_stream(m.train_task, T, m.builder(), config_class=m.config_class, **cfg_over)
 
 
 def test_baseline1_retrains_the_kb_on_every_task_has_no_masks_and_forgets(monkeypatch):
@@ -155,3 +159,140 @@ def test_while_a_step_trains_every_frozen_module_is_in_eval_mode(monkeypatch):
     trained = {n for n in seen[0] if n}
     assert trained and all(n.startswith(("mask_generators.0", "heads.0")) for n in trained), trained
 
+
+
+# ---------------------------------------------------------------------------
+# EWC (baselines.py): the penalty, its state, and a method's own settings
+# ---------------------------------------------------------------------------
+
+def kb_and_state(seed=0):
+    torch.manual_seed(seed)
+    kb = mm.KnowledgeBase((1, 20, 20), channels=(4, 4, 4), out_dim=8)
+    return kb, baselines.EWCState(kb)
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_the_fisher_weighted_squared_distance_away():
+    kb, state = kb_and_state()
+    fisher = {name: torch.rand_like(p) for name, p in kb.named_parameters()}
+    state.consolidate(kb, fisher)
+    assert state.penalty(kb, 7.0).item() == 0.0                 # theta = theta*: exactly zero
+    anchor = {name: p.detach().clone() for name, p in kb.named_parameters()}
+    delta = {name: torch.randn_like(p) for name, p in kb.named_parameters()}
+    penalties = []
+    for scale in (1.0, 2.0):
+        with torch.no_grad():
+            for name, p in kb.named_parameters():
+                p.copy_(anchor[name] + scale * delta[name])
+        by_hand = 7.0 / 2 * sum(float((fisher[n] * (scale * delta[n]) ** 2).sum()) for n in fisher)
+        penalties.append(state.penalty(kb, 7.0).item())
+        assert penalties[-1] == pytest.approx(by_hand, rel=1e-5)
+    assert penalties[1] == pytest.approx(4 * penalties[0], rel=1e-5)   # quadratic in the distance
+
+
+def test_ewc_state_accumulates_the_fisher_and_anchors_at_the_latest_kb():
+    kb, state = kb_and_state()
+    first = {name: torch.rand_like(p) for name, p in kb.named_parameters()}
+    state.consolidate(kb, first)
+    with torch.no_grad():
+        for p in kb.parameters():
+            p.add_(1.0)                                          # the KB after a second task
+    second = {name: torch.rand_like(p) for name, p in kb.named_parameters()}
+    state.consolidate(kb, second)
+    saved = state.state_dict()
+    for name, p in kb.named_parameters():
+        torch.testing.assert_close(saved[state.key("fisher", name)], first[name] + second[name])
+        assert torch.equal(saved[state.key("anchor", name)], p)
+
+
+def test_ewc_fisher_is_the_mean_squared_per_sample_gradient_of_the_true_labels_log_likelihood():
+    torch.manual_seed(0)
+    cfg, task = tiny_cfg(), tiny_tasks(T=1)[0]
+    model = mm.build_model(cfg, task.input_shape, [3], CPU, masks=False)
+    kb = model.kb(0)
+    for samples, keep in ((None, torch.arange(48)), (5, torch.tensor([0, 12, 24, 35, 47]))):
+        fisher = baselines.empirical_fisher(model, 0, task.train, samples, chunk=7)
+        by_hand = {name: torch.zeros_like(p) for name, p in kb.named_parameters()}
+        for i in keep:                                           # one sample at a time
+            model.zero_grad()
+            logits = model.heads(kb(task.train.x[i:i + 1]), 0)
+            torch.log_softmax(logits, 1)[0, task.train.y[i]].backward()
+            for name, p in kb.named_parameters():
+                by_hand[name] += p.grad ** 2 / len(keep)
+        for name in by_hand:
+            torch.testing.assert_close(fisher[name], by_hand[name], rtol=1e-4, atol=1e-9)
+        assert all(f.abs().sum() > 0 for f in fisher.values())
+
+
+def test_ewc_with_lambda_zero_is_bit_identical_to_baseline1():
+    _, _, R_b1, kbs_b1 = train_method("b1")
+    _, _, R_ewc, kbs_ewc = train_method("ewc", ewc_lambda=0.0)
+    assert np.array_equal(R_b1, R_ewc, equal_nan=True)
+    for a, b in zip(kbs_b1, kbs_ewc):
+        assert_identical(a, b)
+    _, _, R_strong, _ = train_method("ewc", ewc_lambda=EWC_STRONG)     # control: the penalty acts
+    assert not np.array_equal(R_b1, R_strong, equal_nan=True)
+
+
+def test_ewc_forgets_less_than_baseline1_on_the_tiny_stream():
+    _, _, R_b1, _ = train_method("b1")
+    _, _, R_ewc, _ = train_method("ewc", ewc_lambda=EWC_STRONG)
+    assert np.diag(R_ewc).min() >= 0.5, R_ewc             # still learns each task (chance 1/3)
+    assert backward_transfer(R_ewc) > backward_transfer(R_b1) + 0.2, (R_b1, R_ewc)
+
+
+def test_ewc_resume_restores_the_fisher_and_the_anchor(tmp_path, monkeypatch):
+    """The resumed run equals the uninterrupted one, and its checkpoint holds
+    the same EWC state. With a lambda this large, a state lost on resume (F = 0,
+    no penalty on task 3) changes task 1's accuracy after task 3."""
+    m = baselines.METHODS["ewc"]
+    run = partial(run_tiny, monkeypatch=monkeypatch, method="ewc", build=m.builder(),
+                  config_class=baselines.EWCConfig, ewc_lambda=EWC_STRONG)
+    straight = run(tmp_path / "a", train_task=m.train_task)
+
+    def interrupted(model, t, *args, **kw):
+        if t == 2:
+            raise KeyboardInterrupt
+        return m.train_task(model, t, *args, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", train_task=interrupted)
+    resumed = run(tmp_path / "b", train_task=m.train_task, resume=True)
+    assert resumed["runs"][0]["acc_matrix"] == straight["runs"][0]["acc_matrix"]
+    states = [torch.load(tmp_path / d / "checkpoint_ewc_seed0.pt", weights_only=True)["model"]
+              for d in ("a", "b")]
+    ewc_keys = [k for k in states[0] if k.startswith("method_state.")]
+    assert len(ewc_keys) == 2 * len(list(mm.KnowledgeBase((1, 20, 20)).parameters()))
+    assert_identical({k: states[0][k] for k in ewc_keys}, {k: states[1][k] for k in ewc_keys})
+    assert all(states[0][k].abs().sum() > 0 for k in ewc_keys)
+
+
+def test_a_methods_own_flags_reach_its_config_and_identity_and_no_other_method(tmp_path, capsys):
+    cfg, given, _, _ = baselines.parse(["--method", "ewc", "--ewc-lambda", "5"])
+    assert type(cfg) is baselines.EWCConfig and cfg.ewc_lambda == 5 and "ewc_lambda" in given
+    assert experiment.run_identity(cfg, "ewc", 0)["ewc_lambda"] == 5
+    cfg, _, _, _ = baselines.parse(["--method", "b1"])
+    assert type(cfg) is mm.Config and "ewc_lambda" not in experiment.run_identity(cfg, "b1", 0)
+    assert not hasattr(mm.Config(), "ewc_lambda")
+    for argv in (["--method", "b1", "--ewc-lambda", "5"], ["--table", str(tmp_path), "--ewc-lambda", "5"],
+                 ["--method", "ewc", "--ewc-lambda", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            baselines.parse(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--ewc-lambda" in err and ("--method ewc" in err or "-1" in err), err
+    # --all: every method with its own class, the given settings to their owner only.
+    cfg, given, _, settings = baselines.parse(["--all", "--out", str(tmp_path), "--ewc-lambda", "5"])
+    seen = {}
+    baselines.run_all(cfg, given, lambda c, method, over: seen.setdefault(method, (c, over)),
+                      settings=settings)
+    assert set(seen) == set(baselines.METHODS)
+    assert type(seen["ewc"][0]) is baselines.EWCConfig and seen["ewc"][0].ewc_lambda == 5
+    assert "ewc_lambda" in seen["ewc"][1] and "ewc_lambda" not in seen["b1"][1]
+    assert all(type(c) is baselines.METHODS[m].config_class for m, (c, _) in seen.items())
+
+
+def test_an_identity_saved_before_a_method_setting_existed_takes_its_default():
+    cfg = baselines.EWCConfig()
+    saved = experiment.run_identity(cfg, "ewc", 0)
+    del saved["ewc_fisher_samples"]
+    assert experiment.with_new_settings(saved, cfg) == experiment.run_identity(cfg, "ewc", 0)
