@@ -126,6 +126,19 @@ def stub_source(source: str, exercise: Exercise) -> str:
                        lambda name, indent: [f"{indent}raise NotImplementedError({message!r})"])
 
 
+def removed(folder: Path = HERE) -> list[str]:
+    """The exercises whose functions are stubs in folder (a student copy)."""
+    def stubbed(exercise):
+        tree = ast.parse((folder / exercise.file).read_text())
+        for name in exercise.functions:
+            body = find_function(tree, name).body
+            last = body[-1]
+            if isinstance(last, ast.Raise) and "exercise " in ast.unparse(last):
+                return True
+        return False
+    return [exercise.name for exercise in EXERCISES if stubbed(exercise)]
+
+
 def copy_project(into: Path):
     into.mkdir(parents=True, exist_ok=True)
     for pattern in PROJECT_FILES:
