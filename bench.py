@@ -118,7 +118,8 @@ def time_meta_variant(args) -> float:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     task = first_task(args.dataset, args.data_dir, device)
-    cfg = mm.resolve_config(mm.Config(dataset="cifar100", meta_epochs=1, meta_impl="loop"))
+    cfg = mm.resolve_config(mm.Config(dataset="cifar100", meta_epochs=1, meta_impl="loop",
+                                      meta_k=args.meta_k))
     task.train.x = task.train.x.contiguous(memory_format=torch.channels_last)
     model = mm.build_model(cfg, task.input_shape, [task.num_classes], device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -149,6 +150,29 @@ def compare_meta_variants(args, rounds) -> dict:
     median = {name: statistics.median(v) for name, v in seconds.items()}
     return {"rounds": rounds, "seconds": seconds, "median_s": median,
             "speedup_vs_before": {name: median["before"] / m for name, m in median.items()}}
+
+
+def compare_streams(args, rounds) -> dict:
+    """The K = 10 meta-tasks of one meta-epoch are independent: on 2 cores,
+    do two one-thread streams (two processes, 5 meta-tasks each, side by
+    side) beat one two-thread stream (one process, all 10)? Each process
+    times its own meta-epoch after its warm-up (malloc variant, mark_min's
+    default); the two-stream time is the slower of the pair, whose timed
+    parts overlap because both start together and do the same setup.
+    Interleaved round by round; medians."""
+    command = [sys.executable, __file__, "--device", args.device, "--dataset", args.dataset,
+               "--meta-variant", "malloc"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    run = lambda *extra: subprocess.Popen(command + list(extra), stdout=subprocess.PIPE, text=True)
+    seconds = lambda process: float(process.communicate()[0].split()[-1])
+    one, two = [], []
+    for _ in range(rounds):
+        one.append(seconds(run("--threads", "2")))
+        pair = [run("--threads", "1", "--meta-k", "5") for _ in range(2)]
+        two.append(max(seconds(p) for p in pair))
+        print(f"  meta-epoch, 1 process x 2 threads {one[-1]:6.1f} s; 2 processes x 1 thread "
+              f"{two[-1]:6.1f} s", flush=True)
+    return {"rounds": rounds, "one_process_two_threads_s": one, "two_processes_one_thread_s": two,
+            "speedup_of_two_streams": statistics.median(one) / statistics.median(two)}
 
 
 def measure_what_the_caches_save(model, task, cfg, gen, epochs, meta_epoch_s) -> dict:
@@ -193,6 +217,10 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--meta-rounds", type=int, default=3,
                         help="rounds of the side-by-side meta-epoch comparison (0: skip it)")
+    parser.add_argument("--stream-rounds", type=int, default=2,
+                        help="rounds of one 2-thread process against two 1-thread processes (0: skip)")
+    parser.add_argument("--meta-k", type=experiment.positive(int), default=10,
+                        help="meta-tasks of the meta-epoch --meta-variant times (default: the paper's 10)")
     parser.add_argument("--meta-variant", choices=list(META_VARIANTS),
                         help="time one meta-epoch of this variant, print the seconds and exit "
                              "(compare_meta_variants runs each in its own process)")
@@ -248,6 +276,8 @@ def main(argv=None):
     results["without"] = measure_what_the_caches_save(model, task, cfg, gen, args.epochs, seconds)
     if args.meta_rounds:
         results["meta_variants"] = compare_meta_variants(args, args.meta_rounds)
+    if args.stream_rounds:
+        results["streams"] = compare_streams(args, args.stream_rounds)
 
     flops = kb_flops_per_image(model, task, cfg)
     results["kb_flops_per_image"] = flops
@@ -271,8 +301,8 @@ def main(argv=None):
 def print_table(r):
     print(f"\nmark-min on {r['device']} ({r['threads']} threads, torch {r['torch']}, {r['dataset']} "
           f"task 0, {r['train_images']} images, batch 128, {r['epochs_measured']} epochs per step)")
-    print(f"| step | authors' code | mark-min | speed-up vs middle |")
-    print(f"|---|---|---|---|")
+    print("| step | authors' code | mark-min | speed-up vs middle |")
+    print("|---|---|---|---|")
     names = {"feature_extractor": "1 feature extractor", "kb_pretrain": "2 KB pre-training",
              "masks_head": "3 masks + head", "consolidation": "5 consolidation"}
     for key, label in names.items():
@@ -294,6 +324,12 @@ def print_table(r):
         print(f"One meta-epoch, side by side ({v['rounds']} interleaved rounds, medians): "
               + ", ".join(f"{name} {s:.1f} s ({v['speedup_vs_before'][name]:.2f}x)"
                           for name, s in v["median_s"].items()))
+    if "streams" in r:
+        v = r["streams"]
+        print(f"One meta-epoch on 2 cores ({v['rounds']} rounds, medians): one process with 2 threads "
+              f"{statistics.median(v['one_process_two_threads_s']):.1f} s, two processes with 1 thread and "
+              f"5 meta-tasks each {statistics.median(v['two_processes_one_thread_s']):.1f} s "
+              f"({v['speedup_of_two_streams']:.2f}x)")
     w = r["without"]
     print(f"What the caches save: step 3 runs at {w['masks_head_recomputing_ft']['images_per_s']:,.0f} "
           f"images/s with F_t on every batch vs {r['steps']['masks_head']['images_per_s']:,.0f} with F_t "
