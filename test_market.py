@@ -12,7 +12,7 @@ import experiment
 import mark_min as mm
 import market
 import market_data
-from data import Sequences
+from data import Sequences, Split
 from market_data import load_market, write_synthetic_market
 from test_mark import CPU
 
@@ -262,3 +262,30 @@ def test_mark_min_leaves_market_flags_to_market_py(capsys):
         mm.parse(["--num-days", "3"])
     assert "unrecognized arguments: --num-days" in capsys.readouterr().err
 
+
+
+def test_trivial_predictors_learn_from_the_past_only():
+    """majority: every label's most frequent class in the training data so
+    far; previous_day: each symbol's most frequent class of the day it just
+    trained on. Tomorrow's labels (all class 3 here) are never read."""
+    from types import SimpleNamespace
+    split = lambda rows: Split(torch.zeros(len(rows), 1), torch.tensor(rows))
+    today = [split([[0, 1], [0, 2], [1, 2]]), split([[2, 1], [2, 1], [0, 0]])]    # 2 symbols, 2 labels
+    tomorrow = [split([[3, 3]] * 4), split([[3, 3]] * 2)]
+    stream = SimpleNamespace(splits=[today, tomorrow])
+    seen = np.array([[5, 0, 3, 0], [0, 0, 1, 9]])                                    # (labels, classes)
+    preds = market.trivial_predictions(stream, 0, [0, 1], seen)
+    assert preds["majority"].tolist() == [[0, 3]] * 6
+    assert preds["previous_day"].tolist() == [[0, 2]] * 4 + [[2, 1]] * 2
+    scored = market.scores(np.array([[0, 2]] * 4 + [[0, 0]] * 2), preds["previous_day"], [4, 2])
+    assert scored["acc_per_label"] == [0.5, 0.5]            # symbol 0: 1, 1; symbol 1: 0, 0
+
+
+def test_the_market_paper_profile_is_the_reports():
+    cfg, given, _ = market.parse(["--profile", "paper"])
+    assert (cfg.lr, cfg.lr_consolidate, cfg.batch_size) == (0.001, 0.005, 4)
+    assert (cfg.epochs_fe, cfg.epochs_kb, cfg.epochs_masks, cfg.epochs_consolidate) == (30, 30, 30, 25)
+    assert "paper protocol" in mm.describe_schedule(cfg, given)
+    quick, given, _ = market.parse([])
+    assert quick.profile == "quick" and "SHORT" in mm.describe_schedule(quick, given)
+    assert (quick.lr, quick.batch_size) == (0.001, 4)
