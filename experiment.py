@@ -623,6 +623,11 @@ def storage_of(build, stored=stored_floats, **options):
     return storage
 
 
+def with_settings(storage, **settings):
+    """storage computed with some settings changed (e.g. shared_fe=True)."""
+    return lambda cfg, shape, k, T: storage(dataclasses.replace(cfg, **settings), shape, k, T)
+
+
 def storage_table(cfg, shape, k, storage: dict, tasks=(20, 100, 308, 1000)) -> str:
     """One row per T: every method's storage(cfg, shape, k, T) (storage_of)."""
     lines = ["Storage for T tasks (parameters stored / megabytes on disk, float32"
@@ -649,7 +654,9 @@ def describe(cfg, build, log=print, *, storage: dict, shape=None, classes=None, 
     with torch.device("meta"):
         model = build(cfg, shape, classes, "meta")
     rows = [("knowledge base KB (shared)", count_parameters(model.kbs[0]), 1),
-            ("feature extractor F_t (per task)", count_parameters(model.extractors[0]), len(classes)),
+            ("feature extractor F (shared)" if getattr(model.extractors, "shared", False) else
+             "feature extractor F_t (per task)", count_parameters(model.extractors[0]),
+             1 if getattr(model.extractors, "shared", False) else len(classes)),
             ("mask generator M_t (per task)", count_parameters(model.mask_generators[0]), len(classes)),
             ("classifier head C_t (per task)", count_parameters(model.heads[0]), len(classes))]
     log(f"MARK on {cfg.dataset}: input {shape}{note}, {len(classes)} tasks")

@@ -90,6 +90,9 @@ class Config(experiment.RunSettings):
     fe_kernels: tuple = param((4, 3), "kernel sizes of F_t's conv blocks (authors' code)")
     dropout: float = param(0.5, "dropout after the KB's linear layer, in [0, 1) (authors' code: 0.5)")
     mask_activation: str = param("relu", "relu (authors' default) | sigmoid", choices=["relu", "sigmoid"])
+    shared_fe: bool = param(False, "one feature extractor F for every task, trained by step 1 on the first "
+                            "task and frozen afterwards, so a task stores only M_t and C_t (the course "
+                            "report's proposal, its section 6; default: one F_t per task, the paper's)")
     mask_init: str = param("ones", "ones: mask generator bias 1, masks start near all-ones (our choice, "
                            "DEVIATION 3) | default: PyTorch's init (authors' code)",
                            choices=["ones", "default"])
@@ -374,6 +377,23 @@ class PerTask(nn.ModuleList):
         return self[t]
 
 
+class SharedAcrossTasks(nn.Module):
+    """One module that every task uses (--shared-fe: one F for all tasks):
+    [t] and forward(x, t) give the same module whatever t, as PerTask's give
+    task t's."""
+    shared = True
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def __getitem__(self, t):
+        return self.module
+
+    def forward(self, x, t):
+        return self.module(x)
+
+
 # -- the model, composed ------------------------------------------------------
 
 @dataclass
@@ -473,7 +493,10 @@ def build_model(cfg: Config, in_shape, classes_per_task, device, *, masks=True, 
     initial weights whichever way the model is built."""
     arch, T = architecture(cfg, in_shape), len(classes_per_task)
     kbs = nn.ModuleList(arch.make_kb() for _ in range(T if kb_per_task else 1))
-    extractors = PerTask(arch.make_fe() for _ in range(T)) if masks else None
+    extractors = None
+    if masks:
+        extractors = SharedAcrossTasks(arch.make_fe()) if cfg.shared_fe else PerTask(arch.make_fe()
+                                                                                      for _ in range(T))
     generators = mask_generators(cfg, arch, T) if masks else None
     model = model_class(arch, kbs, heads(cfg, arch, classes_per_task), extractors, generators)
     model = model.to(device)
@@ -814,8 +837,13 @@ def train_task_mark(model, t, task, cfg, gen, timer, *, meta=True):
     that is t == 0; in MarketCL t is the symbol, which comes back every day,
     and task.index counts symbol-days, so only the very first one pre-trains.
     """
-    with timer("1 feature extractor"):
-        query = step1_feature_extractor(model, t, task, cfg, gen)
+    if cfg.shared_fe and task.index > 0:
+        # --shared-fe: F was trained on the first task and stays frozen; only
+        # its output for this task's images is needed.
+        query = frozen_queries(model, t, task.train.x)
+    else:
+        with timer("1 feature extractor"):
+            query = step1_feature_extractor(model, t, task, cfg, gen)
     if not cfg.frozen_eval:
         # DEVIATION 2 undone: F_t stays in train mode, so its output depends on
         # the batch and its batch-norm statistics move; run it on every batch.
@@ -836,7 +864,8 @@ def train_task_mark(model, t, task, cfg, gen, timer, *, meta=True):
 
 # --describe: the parameter and storage tables (experiment.describe) of MARK
 # and of Baseline 4, which stores a whole network per task.
-STORAGE = {"MARK": experiment.storage_of(build_model),
+STORAGE = {"MARK": experiment.with_settings(experiment.storage_of(build_model), shared_fe=False),
+           "MARK, shared F": experiment.with_settings(experiment.storage_of(build_model), shared_fe=True),
            "Baseline 4": experiment.storage_of(build_model, masks=False, kb_per_task=True)}
 
 

@@ -192,7 +192,11 @@ def stored_with_bits(model: nn.Module) -> tuple[int, int]:
     return floats + fixed, 4 * (floats + fixed) + tasks * bits_bytes
 
 
-STORAGE = {"MARK": mm.STORAGE["MARK"], "MARK + SupSup": experiment.storage_of(build_model, stored_with_bits),
+STORAGE = {"MARK": mm.STORAGE["MARK"], "MARK, shared F": mm.STORAGE["MARK, shared F"],
+           "MARK + SupSup": experiment.with_settings(experiment.storage_of(build_model, stored_with_bits),
+                                                     shared_fe=False),
+           "MARK + SupSup, shared F": experiment.with_settings(experiment.storage_of(build_model, stored_with_bits),
+                                                              shared_fe=True),
            "Baseline 4": mm.STORAGE["Baseline 4"]}
 
 

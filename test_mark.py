@@ -770,3 +770,33 @@ def test_mark_runs_on_its_own_without_the_side_modules(tmp_path):
         assert done.returncode == 0 and "ACC" in done.stdout, done.stderr
     done = run("mark_min.py", "--dataset", "imagedata")
     assert done.returncode == 1 and "needs imagedata.py" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# --shared-fe: one F for every task (the course report's proposal)
+# ---------------------------------------------------------------------------
+
+def test_a_shared_feature_extractor_is_trained_on_the_first_task_only_and_every_task_still_learns():
+    trained = []
+    model, tasks, R, _ = train_stream(mm.train_task_mark, shared_fe=True)
+    f = model.extractors[0]
+    assert all(model.extractors[t] is f for t in range(3))
+    assert sum(p.numel() for p in model.extractors.parameters()) == sum(p.numel() for p in f.parameters())
+    # F after task 1 equals F after task 3: trained on the first task only
+    cfg, tasks, model, gen, timer = tiny_setup(T=3, shared_fe=True)
+    for t in range(3):
+        mm.train_task_mark(model, t, tasks[t], cfg, gen, timer)
+        trained.append(snapshot(model.extractors[0]))
+    assert_identical(trained[0], trained[2])
+    # Every task learns (chance: 1/3), less well than with its own F_t here
+    # (0.98, 0.60, 0.50 against above 0.8 each): F was trained on task 1's
+    # classes only. Nothing is forgotten.
+    assert np.diag(R).min() > 0.45 and backward_transfer(R) > -0.05, R
+
+
+def test_storage_with_a_shared_feature_extractor_is_the_masks_and_head_per_task():
+    cfg = mm.Config()
+    per_task = {name: storage(cfg, (3, 32, 32), 5, 2)[1] - storage(cfg, (3, 32, 32), 5, 1)[1]
+                for name, storage in mm.STORAGE.items()}
+    assert per_task["MARK"] == 4 * (158_528 + 57_792 + 645)
+    assert per_task["MARK, shared F"] == 4 * (57_792 + 645)

@@ -91,6 +91,7 @@ def test_storage_table_counts_masks_as_bits():
     assert per_task["MARK"] == 4 * (158_528 + 57_792 + 645)
     assert per_task["Baseline 4"] == 4 * (339_520 + 645)
     # SupSup: F_t in float32 plus one bit per weight of the shared M and C (no biases)
+    assert per_task["MARK + SupSup, shared F"] == (128 * 64 + 128 * 128 + 128 * 256) // 8 + (128 * 5) // 8
     assert per_task["MARK + SupSup"] == 4 * 158_528 + (128 * 64 + 128 * 128 + 128 * 256) // 8 + (128 * 5) // 8
 
 
