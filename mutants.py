@@ -135,6 +135,9 @@ MUTANTS = [
            "data.py", "    def find_class(self, module, name):\n        if (module, name) in _PICKLE_GLOBALS:",
            "    def find_class(self, module, name):\n        return super().find_class(module, name)\n"
            "        if (module, name) in _PICKLE_GLOBALS:", "pickle_that_calls"),
+    Mutant("one-shot-ascends-the-entropy", "SupSup's one-shot rule picks the task whose alpha raises the entropy most",
+           "task_inference.py", "    return int(gradient.argmin())", "    return int(gradient.argmax())",
+           "entropys_descent"),
     # -- the layout -----------------------------------------------------------
     Mutant("core-imports-an-extension", "mark_min.py imports supsup.py (lazily, inside main)",
            "mark_min.py", "    cfg, given, args = parse(argv)\n",

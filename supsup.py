@@ -106,6 +106,13 @@ class SupermaskLinear(nn.Module):
     def forward(self, x, t, mask=None):             # x: (B, in) -> (B, out)
         return F.linear(x, self.weight * (self.mask(t) if mask is None else mask))
 
+    def superposed(self, x, alpha):                 # x: (B, in), alpha: (T,) -> (B, out)
+        """y = x @ (W * sum_t alpha_t mask_t)^T: every task's supermask at
+        once, task t weighted by alpha_t (SupSup's superposition, its Section
+        3.3); a one-hot alpha gives task t's forward."""
+        masks = torch.stack([self.mask(t).detach() for t in range(len(self.scores))])   # (T, out, in)
+        return F.linear(x, self.weight * torch.einsum("t,toi->oi", alpha, masks))
+
     def pack_mask(self, t) -> torch.Tensor:
         """Task t's mask as bits: uint8, 1 bit per weight (numel / 8 bytes)."""
         bits = self.mask(t).detach().flatten().to(torch.uint8).cpu().numpy()
@@ -132,6 +139,9 @@ class SupSupMaskGenerator(nn.Module):
     def forward(self, q, t):                         # q: (B, latent) -> [(B, c_l)]
         return [self.activation(layer(q, t) + self.offset) for layer in self.layers]
 
+    def superposed(self, q, alpha):                  # every task's masks at once, weighted by alpha
+        return [self.activation(layer.superposed(q, alpha) + self.offset) for layer in self.layers]
+
     def task_parameters(self, t):
         return [layer.scores[t] for layer in self.layers]
 
@@ -150,6 +160,9 @@ class SupSupHead(nn.Module):
 
     def forward(self, z, t):                         # z: (B, latent) -> (B, k_t)
         return self.layer(z, t)[:, :self.classes[t]]
+
+    def superposed(self, z, alpha):                  # z: (B, latent) -> (B, max k_t)
+        return self.layer.superposed(z, alpha)
 
     def task_parameters(self, t):
         return [self.layer.scores[t]]

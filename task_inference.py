@@ -19,11 +19,14 @@ Two scores, both reported (results.json, "task_agnostic"):
            2018, with a diagonal covariance; see query_distance). T
            feature-extractor passes + 1 full pass per batch.
 
-SupSup's one-shot alternative (superpose all masks with weights alpha and
-follow the gradient of the entropy w.r.t. alpha; Wortsman et al. 2020,
-Section 3.3) needs one network whose only task-specific parts are masks.
-MARK keeps a feature extractor per task, so its queries, and hence its masks,
-cannot be superposed; the same two scores serve MARK and MARK + SupSup.
+  one-shot SupSup's own rule (Wortsman et al. 2020, Section 3.3), for MARK +
+           SupSup with one shared F (--supsup --shared-fe), where a task's
+           only own parts are supermasks: superpose every task's masks with
+           weights alpha = 1/T, take one gradient of the output entropy
+           with respect to alpha, and pick the task whose alpha lowers it
+           most. One forward and one backward pass per batch. It needs the
+           shared F: with a feature extractor per task, the queries, and
+           hence the masks, cannot be superposed.
 """
 from __future__ import annotations
 
@@ -103,6 +106,26 @@ def query_distance(model: mm.MARKNet, stats: QueryStatistics, xb, t):
     return d2.min(1).values.mean()
 
 
+def one_shot_task(model: mm.MARKNet, xb) -> int:
+    """SupSup's one-shot task inference on a batch: the task t whose weight
+    alpha_t in the superposition of all supermasks (alpha = 1/T each) has
+    the most negative gradient of the mean normalised entropy."""
+    T = len(model.mask_generators.layers[0].scores)
+    with torch.inference_mode(False), torch.enable_grad():
+        alpha = torch.full((T,), 1.0 / T, device=xb.device, requires_grad=True)
+        q = model.extractors(xb, 0)                           # the shared F: the same for every task
+        z = model.kb(0)(xb, model.mask_generators.superposed(q, alpha))
+        entropy = normalised_entropy(model.heads.superposed(z, alpha))
+        (gradient,) = torch.autograd.grad(entropy, alpha)
+    return int(gradient.argmin())
+
+
+def superposable(model) -> bool:
+    """One shared F and supermasks for M and C: SupSup's one-shot rule applies."""
+    return (model.use_masks and getattr(model.extractors, "shared", False)
+            and hasattr(model.mask_generators, "superposed") and hasattr(model.heads, "superposed"))
+
+
 @torch.inference_mode()
 def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
     """Both scores over every test batch of every task: the fraction of batches
@@ -111,6 +134,7 @@ def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
     model.eval()
     T = len(tasks)
     names = ("entropy", "query") if model.use_masks else ("entropy",)   # baselines have no F_t
+    names += ("one-shot",) if superposable(model) else ()
     stats = query_statistics(model, tasks) if model.use_masks else None
     tally = {name: {"hits": 0, "correct": 0} for name in names}
     batches = seen = 0
@@ -121,6 +145,8 @@ def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
             if model.use_masks:
                 guesses["query"] = int(torch.stack([query_distance(model, stats, xb, t)
                                                     for t in range(T)]).argmin())
+            if "one-shot" in names:
+                guesses["one-shot"] = one_shot_task(model, xb)
             for name, guess in guesses.items():
                 if guess == u:
                     tally[name]["hits"] += 1
@@ -128,7 +154,8 @@ def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
             batches, seen = batches + 1, seen + len(yb)
     return {name: {"task_inference_accuracy": c["hits"] / batches,
                    "accuracy_inferred_task": c["correct"] / seen,
-                   "forward_passes_per_batch": f"{T} full" if name == "entropy" else f"{T} F_t + 1 full"}
+                   "forward_passes_per_batch": {"entropy": f"{T} full", "query": f"{T} F_t + 1 full",
+                                                "one-shot": "1 full + 1 backward (superposed)"}[name]}
             for name, c in tally.items()} | {"batch_size": batch_size}
 
 
@@ -136,7 +163,7 @@ def after_run(model, tasks, record, log) -> dict:
     """experiment.run_seed's after_run: evaluate the finished model without the
     task id, log both scores, return what results.json keeps."""
     agnostic = evaluate_without_task_id(model, tasks)
-    for name in [n for n in ("entropy", "query") if n in agnostic]:
+    for name in [n for n in ("entropy", "query", "one-shot") if n in agnostic]:
         log(f"[{record['method']} seed {record['seed']}] without the task id ({name}): task inferred for "
             f"{100 * agnostic[name]['task_inference_accuracy']:.1f}% of test batches, accuracy "
             f"{100 * agnostic[name]['accuracy_inferred_task']:.2f}% (task given: {100 * record['acc']:.2f}%)")

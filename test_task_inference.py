@@ -109,3 +109,45 @@ def test_infer_task_on_a_finished_run_evaluates_its_checkpoint_without_training(
     assert set(again["task_agnostic"]) == {"entropy", "query", "batch_size", "accuracy_given_task"}
     assert "task_agnostic" in json.loads((tmp_path / "results.json").read_text())["runs"][0]
 
+
+
+def test_a_one_hot_superposition_is_task_ts_own_forward():
+    """SupSup's superposition with alpha = e_t runs exactly task t's supermasks."""
+    cfg, tasks, model, gen, timer = tiny_setup(T=3, build=supsup_mod.build_model,
+                                               config_class=supsup_mod.SupSupConfig, shared_fe=True)
+    model.eval()
+    x = tasks[0].test.x[:8]
+    for t in range(3):
+        alpha = torch.nn.functional.one_hot(torch.tensor(t), 3).float()
+        q = model.extractors(x, t)
+        masks = model.mask_generators.superposed(q, alpha)
+        assert all(torch.equal(a, b) for a, b in zip(masks, model.mask_generators(q, t)))
+        assert torch.equal(model.heads.superposed(model.kb(t)(x, masks), alpha), model(x, t))
+
+
+def test_one_shot_inference_runs_only_where_masks_can_be_superposed():
+    """SupSup's one-shot rule needs one shared F and supermasks; it is
+    reported for MARK + SupSup with --shared-fe and for nothing else."""
+    tasks = separable_tasks()
+    for shared, build, expected in [(True, supsup_mod.build_model, True), (False, supsup_mod.build_model, False),
+                                    (True, mm.build_model, False)]:
+        cfg = tiny_cfg(supsup_mod.SupSupConfig, shared_fe=shared)
+        model = build(cfg, tasks[0].input_shape, [2, 2, 2], CPU)
+        assert ti.superposable(model) == expected
+        assert ("one-shot" in ti.evaluate_without_task_id(model, tasks, batch_size=20)) == expected
+
+
+def test_one_shot_inference_follows_the_entropys_descent():
+    """MARK + SupSup with a shared F on the separable stream: the one-shot rule
+    (the most negative gradient of the entropy w.r.t. alpha) finds the task
+    of 4 of the 6 test batches (chance: 2); the most positive finds none."""
+    tasks = separable_tasks()
+    cfg = tiny_cfg(supsup_mod.SupSupConfig, shared_fe=True, latent=16, lr=0.05, batch_size=32, epochs_fe=8,
+                   epochs_kb=8, epochs_masks=8, epochs_consolidate=4)
+    torch.manual_seed(0)
+    model = supsup_mod.build_model(cfg, tasks[0].input_shape, [2, 2, 2], CPU)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(3):
+        mm.train_task_mark(model, t, tasks[t], cfg, gen, experiment.StepTimer(CPU, lambda *_: None))
+    result = ti.evaluate_without_task_id(model, tasks, batch_size=20)["one-shot"]
+    assert result["task_inference_accuracy"] == pytest.approx(4 / 6)
