@@ -209,10 +209,12 @@ def measure_what_the_caches_save(model, task, cfg, gen, epochs, meta_epoch_s) ->
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", type=experiment.device_flag, help="cpu | cuda | auto")
-    parser.add_argument("--dataset", default="cifar100", choices=["cifar100", "random"])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--dataset", default="cifar100", choices=["cifar100", "random"],
+                        help="CIFAR-100 task 0 (default; random data of its shape if absent) or random")
+    parser.add_argument("--data-dir", default=None, help="folder of the datasets (default $MARK_DATA_DIR or ./data)")
     parser.add_argument("--epochs", type=experiment.positive(int), default=2, help="measured epochs per step")
-    parser.add_argument("--threads", type=experiment.positive(int), default=None)
+    parser.add_argument("--threads", type=experiment.positive(int), default=None,
+                        help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--no-channels-last", action="store_true", help="measure the NCHW layout")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--meta-rounds", type=int, default=3,

@@ -951,7 +951,8 @@ def positive_int(text: str) -> int:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--data-dir and --seed, which every data command line takes."""
     parser.add_argument("--data-dir", default=None, help=f"default ${DATA_DIR_ENV} or ./data")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="draws the class order and the validation rows (default 0)")
 
 
 def print_error(err: DataError) -> int:
@@ -981,7 +982,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Summarise a task stream.",
         epilog="ImageData: python imagedata.py; MarketCL: python market_data.py.")
-    parser.add_argument("--dataset", default="glyphs", choices=TASK_DATASETS)
+    parser.add_argument("--dataset", default="glyphs", choices=TASK_DATASETS,
+                        help="the stream to summarise (default glyphs: synthetic, offline)")
     add_data_arguments(parser)
     parser.add_argument("--num-tasks", type=positive_int, default=None, help="keep the first N tasks")
     parser.add_argument("--path", default=None, help="the .npz file (npz only)")

@@ -694,7 +694,8 @@ def write_synthetic_market(folder, *, seed: int, num_symbols: int = 6, num_days:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Summarise a MarketCL stream.")
-    parser.add_argument("--dataset", default="market-synthetic", choices=MARKET_DATASETS)
+    parser.add_argument("--dataset", default="market-synthetic", choices=MARKET_DATASETS,
+                        help="market-synthetic (generated, offline; the default) or market (--source)")
     add_data_arguments(parser)
     parser.add_argument("--source", default=None,
                         help="a CSV file or a folder of CSVs of minute bars (market only)")
