@@ -506,10 +506,13 @@ def market_table(results_by_method: dict, descriptions: dict) -> str:
 
 MARKET_SHAPE = (375, len(MARKET_FEATURE_NAMES))   # a day's 375 minutes x the features
 KNOWN_SYMBOLS = {"market": 20, "market-synthetic": 6}   # the report's 20; the synthetic market's 6
-STORAGE = {"MARK": experiment.storage_of(build_model),
-           "MARK + SupSup": experiment.storage_of(build_model, supsup.stored_with_bits,
-                                                  mask_generators=supsup.supsup_mask_generators,
-                                                  heads=supsup.supsup_heads),
+_SUPSUP_PARTS = dict(mask_generators=supsup.supsup_mask_generators, heads=supsup.supsup_heads)
+STORAGE = {"MARK": experiment.with_settings(experiment.storage_of(build_model), shared_fe=False),
+           "MARK, shared F": experiment.with_settings(experiment.storage_of(build_model), shared_fe=True),
+           "MARK + SupSup": experiment.with_settings(
+               experiment.storage_of(build_model, supsup.stored_with_bits, **_SUPSUP_PARTS), shared_fe=False),
+           "MARK + SupSup, shared F": experiment.with_settings(
+               experiment.storage_of(build_model, supsup.stored_with_bits, **_SUPSUP_PARTS), shared_fe=True),
            "Baseline 4": experiment.storage_of(build_model, masks=False, kb_per_task=True)}
 
 
