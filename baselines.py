@@ -303,7 +303,7 @@ def reference_cells(dataset, method):
 
 def table_rows(results_by_method: dict, dataset: str) -> list[dict]:
     """One row per method from its results.json content (fractions in, as
-    metrics wants), over its finished runs (mm.summarize, as results.json)."""
+    metrics wants), over its finished runs (experiment.summarize, as results.json)."""
     rows = []
     for method, results in results_by_method.items():
         summary = experiment.summarize(results["runs"], METHODS[method].description)

@@ -288,13 +288,13 @@ def run_seed(cfg, method: str, seed: int, tasks, train_task, build_model, device
     R = np.full((T, T), np.nan)
     identity = run_identity(cfg, method, seed)
     record = {"seed": seed, "method": method, "identity": identity, "tasks_done": 0,
-              "parameters": sum(p.numel() for p in model.parameters()),
+              "parameters": count_parameters(model),
               "task_seconds": [], "step_seconds": []}
     ckpt = checkpoint_path(out, method, seed) if out else None
     if cfg.resume and ckpt and ckpt.exists():
         state = read_checkpoint(ckpt, identity, cfg)
-        saved = {k: v for k, v in state["model"].items()
-                 if not (k in MOVED_BUFFERS and k not in model.state_dict())}
+        own = model.state_dict().keys()
+        saved = {k: v for k, v in state["model"].items() if not (k in MOVED_BUFFERS and k not in own)}
         try:
             model.load_state_dict(saved)                 # copied onto the model's device
         except RuntimeError:
@@ -506,9 +506,9 @@ def open_results(cfg, method: str, schedule: str, log, family=""):
     locked until the loop ends."""
     device = resolve_device(cfg.device)
     keep_freed_memory()
-    if getattr(cfg, "threads", None):
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if getattr(cfg, "deterministic", False):
+    if cfg.deterministic:
         use_deterministic_kernels()
     out = Path(cfg.out) if cfg.out else None
     results = {"method": method, "schedule": schedule,
@@ -582,19 +582,6 @@ def run_experiment(cfg, method: str, train_task, build_model, schedule: str, log
 
 
 # ---------------------------------------------------------------------------
-# MarketCL: the day-by-day protocol of the course report
-# ---------------------------------------------------------------------------
-#
-# Each stock symbol is a task with its own F_t, M_t and C_t; the KB is shared.
-# A symbol's samples of one day (data.load_market: 16 prefixes of the day's
-# feature sequence, four labels each) are its training set for that day. The
-# same symbols come back every day: on day d + 1 symbol s trains again,
-# continuing from its own modules of day d. Tests are on the NEXT day, the
-# future the model is meant to predict. The model is the LSTM family of
-# MARKNet with four label heads; the five steps and the baselines are the
-
-
-# ---------------------------------------------------------------------------
 # --describe: parameter counts and storage, counted on the real modules
 # ---------------------------------------------------------------------------
 
@@ -610,7 +597,8 @@ def count_parameters(module) -> int:
 
 def stored_floats(model) -> tuple[int, int]:
     """(parameters stored, bytes on disk) of a model kept as float32."""
-    return count_parameters(model), 4 * count_parameters(model)
+    n = count_parameters(model)
+    return n, 4 * n
 
 
 def storage_of(build, stored=stored_floats, **options):
@@ -653,10 +641,10 @@ def describe(cfg, build, log=print, *, storage: dict, shape=None, classes=None, 
         classes = (classes * cfg.num_tasks)[:cfg.num_tasks]
     with torch.device("meta"):
         model = build(cfg, shape, classes, "meta")
+    shared_fe = getattr(model.extractors, "shared", False)          # mark_min.SharedAcrossTasks
     rows = [("knowledge base KB (shared)", count_parameters(model.kbs[0]), 1),
-            ("feature extractor F (shared)" if getattr(model.extractors, "shared", False) else
-             "feature extractor F_t (per task)", count_parameters(model.extractors[0]),
-             1 if getattr(model.extractors, "shared", False) else len(classes)),
+            ("feature extractor F (shared)" if shared_fe else "feature extractor F_t (per task)",
+             count_parameters(model.extractors[0]), 1 if shared_fe else len(classes)),
             ("mask generator M_t (per task)", count_parameters(model.mask_generators[0]), len(classes)),
             ("classifier head C_t (per task)", count_parameters(model.heads[0]), len(classes))]
     log(f"MARK on {cfg.dataset}: input {shape}{note}, {len(classes)} tasks")

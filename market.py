@@ -92,9 +92,7 @@ for market in MARKET_DATASETS:
     DATASET_PROFILES[(market, "paper")] = MARKET_PAPER
     DATASET_PROFILES[(market, "short")] = MARKET_PAPER | dict(epochs_fe=3, epochs_kb=3, epochs_masks=3,
                                                               epochs_consolidate=3, meta_epochs=1)
-    DATASET_PROFILES[(market, "quick")] = MARKET_PAPER | dict(epochs_fe=3, epochs_kb=3, epochs_masks=3,
-                                                              epochs_consolidate=3, meta_epochs=1,
-                                                              meta_k=2, meta_inner_steps=5)
+    DATASET_PROFILES[(market, "quick")] = DATASET_PROFILES[(market, "short")] | dict(meta_k=2, meta_inner_steps=5)
 
 
 def resolve_config(cfg, overridden=frozenset()):
