@@ -45,7 +45,8 @@ import supsup
 from data import DataError, Task, default_data_dir
 from experiment import param
 from market_data import (MARKET_DATASETS, MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS, MARKET_NUM_CLASSES,
-                         MARKET_SYNTHETIC_FOLDER, MarketStream, load_market, write_synthetic_market)
+                         MARKET_SYNTHETIC_SYMBOLS, MarketStream, load_market, market_synthetic_folder,
+                         write_synthetic_market)
 
 
 @dataclass
@@ -54,12 +55,19 @@ class MarketConfig(supsup.SupSupConfig):
                          "market (your minute-bar CSVs, --source)", "data", choices=list(MARKET_DATASETS))
     source: str | None = param(None, "--dataset market: a CSV file or a folder of minute-bar CSVs "
                                "(datetime,symbol,open,high,low,close,volume)", "data")
+    num_symbols: int | None = param(None, f"--dataset market-synthetic: symbols generated (default "
+                                    f"{MARKET_SYNTHETIC_SYMBOLS}; the course report's full stream has 308)",
+                                    "data", type=experiment.positive(int))
     num_days: int | None = param(None, "keep only the first N days with samples (N >= 2; the last is "
                                  "only tested; default: all)", "data", type=experiment.positive(int))
     seq_query: int = param(64, "size of F_t's LSTM, the query (the report's MarketCL model: 64)",
                            type=experiment.positive(int))
     seq_channels: tuple = param((64, 128, 256), "sizes of the KB's three stacked LSTMs (the report)")
     supsup: bool = param(False, "MARK + SupSup (supsup.py) instead of MARK's per-task M_t and C_t")
+    day_matrix: str = param("full", "full: after each symbol, test every symbol of the day trained so far "
+                            "(R_d's lower triangle, T(T+1)/2 tests a day) | ends: only R_d's diagonal and "
+                            "last row, the entries ACC and BWT read (2T-1 tests; same ACC and BWT; for "
+                            "hundreds of symbols)", "run", choices=["full", "ends"])
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +77,9 @@ class MarketConfig(supsup.SupSupConfig):
                              "(datetime,symbol,open,high,low,close,volume)")
         if self.source is not None and self.dataset != "market":
             raise ValueError("--source is read by --dataset market only")
+        if self.num_symbols is not None and self.dataset != "market-synthetic":
+            raise ValueError("--num-symbols is for --dataset market-synthetic; --source's files decide the "
+                             "symbols of --dataset market (--num-tasks keeps the first N)")
         if self.num_days == 1:
             raise ValueError("--num-days must be >= 2: MarketCL trains on a day and tests on the next")
 
@@ -224,8 +235,9 @@ def load_market_stream(cfg: MarketConfig, seed: int, device) -> MarketStream:
     num_tasks keeps the first N symbols, num_days the first N days."""
     if cfg.dataset == "market-synthetic":
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-        source = data_dir / MARKET_SYNTHETIC_FOLDER.format(seed=seed)
-        write_synthetic_market(source, seed=seed)
+        symbols = cfg.num_symbols or MARKET_SYNTHETIC_SYMBOLS
+        source = data_dir / market_synthetic_folder(seed, symbols)
+        write_synthetic_market(source, seed=seed, num_symbols=symbols)
     else:
         source = cfg.source
     stream = load_market(source, seed=seed, device=device)
@@ -332,7 +344,9 @@ def run_market_seed(cfg: MarketConfig, method: str, seed: int, stream: MarketStr
       for each symbol s with samples on day d, in stream order:
         train s on day d's samples (its own F_s, M_s, C_s; class weights from
         day d's labels; step 2 only on the run's very first symbol-day),
-        then test every symbol of the day's matrix trained so far, on tomorrow.
+        then test every symbol of the day's matrix trained so far, on tomorrow
+        (--day-matrix ends: only itself, and every one after the day's last
+        tested symbol; ACC and BWT read nothing else, other entries stay NaN).
     Day d's accuracy matrix, one per label head h:
         R_d[h][i][j] = accuracy of head h on tomorrow's samples of the day's
                        j-th symbol, after the day's i-th symbol trained (j <= i)
@@ -373,7 +387,11 @@ def run_market_seed(cfg: MarketConfig, method: str, seed: int, stream: MarketStr
             trained += 1
             if s in tested:
                 i = tested.index(s)
-                for j, u in enumerate(tested[:i + 1]):
+                # Row i of R_d: every symbol so far, or (--day-matrix ends)
+                # only R_d[i][i], and the whole row once i is the last row.
+                columns = (range(i + 1) if cfg.day_matrix == "full" or i == len(tested) - 1 else [i])
+                for j in columns:
+                    u = tested[j]
                     R[:, i, j] = (predict_classes(model, u, tomorrow[u].x) == tomorrow[u].y
                                   ).float().mean(0).cpu().numpy()       # (P,) one per head
             log(f"    day {d + 1}/{D}, {stream.symbols[s]}: tomorrow's accuracy per label "
@@ -387,8 +405,9 @@ def run_market_seed(cfg: MarketConfig, method: str, seed: int, stream: MarketStr
             y = torch.cat([tomorrow[u].y for u in tested]).cpu().numpy()                     # (N, P)
             pred = torch.cat([predict_classes(model, u, tomorrow[u].x) for u in tested]).cpu().numpy()
             sizes = [len(tomorrow[u].y) for u in tested]
-            day |= {"acc_per_label": [metrics.average_accuracy(R[h]) for h in range(P)],
-                    "bwt_per_label": [metrics.backward_transfer(R[h]) for h in range(P)],
+            acc_bwt = [metrics.acc_bwt_from_ends(np.diag(R[h]), R[h, -1]) for h in range(P)]
+            day |= {"acc_per_label": [acc for acc, _ in acc_bwt],
+                    "bwt_per_label": [bwt for _, bwt in acc_bwt],
                     "macro_f1_per_label": [metrics.macro_f1(y[:, h], pred[:, h], MARKET_NUM_CLASSES)
                                            for h in range(P)],
                     "acc_matrices": [experiment.matrix_to_json(R[h]) for h in range(P)],
@@ -503,7 +522,7 @@ def market_table(results_by_method: dict, descriptions: dict) -> str:
 # ---------------------------------------------------------------------------
 
 MARKET_SHAPE = (375, len(MARKET_FEATURE_NAMES))   # a day's 375 minutes x the features
-KNOWN_SYMBOLS = {"market": 20, "market-synthetic": 6}   # the report's 20; the synthetic market's 6
+KNOWN_SYMBOLS = {"market": 20, "market-synthetic": MARKET_SYNTHETIC_SYMBOLS}   # the report's 20
 _SUPSUP_PARTS = dict(mask_generators=supsup.supsup_mask_generators, heads=supsup.supsup_heads)
 STORAGE = {"MARK": experiment.with_settings(experiment.storage_of(build_model), shared_fe=False),
            "MARK, shared F": experiment.with_settings(experiment.storage_of(build_model), shared_fe=True),
@@ -516,8 +535,9 @@ STORAGE = {"MARK": experiment.with_settings(experiment.storage_of(build_model), 
 
 def describe(cfg: MarketConfig, log=print) -> int:
     """mark_min.describe for MarketCL: T symbols (--num-tasks; default the
-    report's 20, or the synthetic market's 6), 4 labels of 4 classes each."""
-    classes = [MARKET_NUM_CLASSES] * KNOWN_SYMBOLS[cfg.dataset]
+    report's 20, or the synthetic market's --num-symbols), 4 labels of 4
+    classes each."""
+    classes = [MARKET_NUM_CLASSES] * (cfg.num_symbols or KNOWN_SYMBOLS[cfg.dataset])
     note = f", {len(MARKET_LABEL_PAIRS)} labels of {MARKET_NUM_CLASSES} classes per task"
     return experiment.describe(dataclasses.replace(cfg, supsup=False), build_model, log, storage=STORAGE,
                                shape=MARKET_SHAPE, classes=classes, note=note)

@@ -28,7 +28,7 @@ Public interface:
     read_market_csv, market_session_days, market_features, market_labels,
     market_sample_minutes: the steps of load_market, one function each.
     MARKET_DATASETS, MARKET_FEATURE_NAMES, MARKET_LABEL_PAIRS,
-    MARKET_NUM_CLASSES, MARKET_SYNTHETIC_FOLDER: what the training code needs.
+    MARKET_NUM_CLASSES, market_synthetic_folder: what the training code needs.
 Every problem with the data raises data.DataError, naming the file, the line
 and the problem.
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import re
 import sys
 import time
@@ -75,8 +76,16 @@ MARKET_FEATURE_NAMES = [
     "prev_open", "prev_high", "prev_low", "prev_close", "time_of_day",
 ]
 # market-synthetic is written to <data_dir>/market-synthetic-seed<S>/ (one
-# folder per seed, so streams of different seeds never mix).
-MARKET_SYNTHETIC_FOLDER = "market-synthetic-seed{seed}"
+# folder per seed, so streams of different seeds never mix), or, for another
+# number of symbols than the default 6, to ...-seed<S>-<N>symbols/: a folder
+# holds one stream only, since the loader reads every CSV in it.
+MARKET_SYNTHETIC_SYMBOLS = 6
+
+
+def market_synthetic_folder(seed: int, num_symbols: int = MARKET_SYNTHETIC_SYMBOLS) -> str:
+    """The folder name (under the data folder) of market-synthetic's CSVs."""
+    return f"market-synthetic-seed{seed}" + ("" if num_symbols == MARKET_SYNTHETIC_SYMBOLS
+                                             else f"-{num_symbols}symbols")
 
 
 # ---------------------------------------------------------------------------
@@ -620,7 +629,7 @@ def load_market(source, *, seed: int, samples_per_day: int = MARKET_SAMPLES_PER_
 # market-synthetic: minute bars generated from a seed, in the same CSV layout
 # ---------------------------------------------------------------------------
 
-def write_synthetic_market(folder, *, seed: int, num_symbols: int = 6, num_days: int = 12,
+def write_synthetic_market(folder, *, seed: int, num_symbols: int = MARKET_SYNTHETIC_SYMBOLS, num_days: int = 12,
                            session: tuple[str, str] = MARKET_SESSION,
                            first_day: str = "2021-01-04",
                            daily_volatility: tuple[float, float] = (0.007, 0.018)) -> list[Path]:
@@ -683,7 +692,11 @@ def write_synthetic_market(folder, *, seed: int, num_symbols: int = 6, num_days:
                              f"{o:.2f},{h:.2f},{lo:.2f},{c:.2f},{v:.1f}")
             price = close[-1]
         path = folder / f"SYN{i:02d}.csv"
-        path.write_text("\n".join(lines) + "\n", newline="")
+        # Written beside and renamed into place: a run that reads the folder
+        # while another run of the same seed rewrites it sees whole files.
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text("\n".join(lines) + "\n", newline="")
+        os.replace(partial, path)
         paths.append(path)
     return paths
 
@@ -699,19 +712,24 @@ def main(argv=None) -> int:
     add_data_arguments(parser)
     parser.add_argument("--source", default=None,
                         help="a CSV file or a folder of CSVs of minute bars (market only)")
+    parser.add_argument("--num-symbols", type=positive_int, default=MARKET_SYNTHETIC_SYMBOLS,
+                        help=f"market-synthetic: symbols generated (default {MARKET_SYNTHETIC_SYMBOLS}; "
+                             "the course report's full stream has 308)")
     parser.add_argument("--samples-per-day", type=positive_int, default=MARKET_SAMPLES_PER_DAY,
                         help="samples per symbol and day (market, market-synthetic)")
     args = parser.parse_args(argv)
     if (args.source is not None) != (args.dataset == "market"):
         parser.error("--dataset market needs --source, and only it takes one")
+    if args.dataset == "market" and args.num_symbols != MARKET_SYNTHETIC_SYMBOLS:
+        parser.error("--num-symbols is for market-synthetic; --source's files decide the symbols of market")
 
     start = time.perf_counter()
     try:
         if args.dataset == "market-synthetic":
             # Written on every call (a tenth of a second): the files are a
             # function of the seed, so rewriting them equals reusing them.
-            source = data_dir_or_default(args.data_dir) / MARKET_SYNTHETIC_FOLDER.format(seed=args.seed)
-            paths = write_synthetic_market(source, seed=args.seed)
+            source = data_dir_or_default(args.data_dir) / market_synthetic_folder(args.seed, args.num_symbols)
+            paths = write_synthetic_market(source, seed=args.seed, num_symbols=args.num_symbols)
             print(f"market-synthetic: wrote {len(paths)} CSV files to {source} "
                   f"in {time.perf_counter() - start:.1f} s")
             start = time.perf_counter()

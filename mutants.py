@@ -120,6 +120,10 @@ MUTANTS = [
            "metrics.py", '    if divide_by == "T-1":\n        return max(T - 1, 1)',
            '    if divide_by == "T-1":\n        return T',
            "backward_transfer or bwt"),
+    Mutant("day-matrix-ends-without-the-last-row", "MarketCL's --day-matrix ends never re-tests the "
+           "day's earlier symbols at its end", "market.py",
+           'if cfg.day_matrix == "full" or i == len(tested) - 1 else [i])',
+           'if cfg.day_matrix == "full" else [i])', "day_matrix"),
     # -- SupSup ---------------------------------------------------------------
     Mutant("supsup-wrong-scores", "a SupSup layer builds task t's supermask from another task's scores",
            "supsup.py", "return binarize(self.scores[t], self.how, self.density)",

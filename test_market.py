@@ -239,6 +239,36 @@ def test_a_skipped_symbol_day_is_not_trained_and_has_no_row_or_column(stream, mo
     assert all(np.array(R).shape == (2, 2) for day in run["days"] for R in day["acc_matrices"])
 
 
+def test_day_matrix_ends_tests_only_the_diagonal_and_last_row_and_gives_the_same_scores(tmp_path):
+    # Baseline 1's shared KB changes earlier symbols' predictions (BWT != 0),
+    # so equal BWTs compare numbers that depend on the last row being re-tested.
+    runs = {}
+    for matrix in ("full", "ends"):
+        assert market.main(TINY_FLAGS + ["--epochs-kb", "10", "--method", "b1", "--day-matrix", matrix,
+                                         "--data-dir", str(tmp_path), "--out", str(tmp_path / matrix)]) == 0
+        runs[matrix] = json.loads((tmp_path / matrix / "results.json").read_text())["runs"][0]
+    full, ends = runs["full"], runs["ends"]
+    assert any(bwt != 0.0 for day in full["days"] for bwt in day["bwt_per_label"])
+    for a, b in zip(full["days"], ends["days"]):
+        for key in ("acc_per_label", "bwt_per_label", "macro_f1_per_label"):
+            assert a[key] == b[key]
+        for R_full, R_ends in zip(a["acc_matrices"], b["acc_matrices"]):
+            T = len(R_full)
+            for i in range(T):
+                for j in range(i + 1):
+                    assert R_ends[i][j] == (R_full[i][j] if j == i or i == T - 1 else None)
+
+
+def test_num_symbols_writes_that_many_symbols_to_a_folder_of_their_own(tmp_path):
+    cfg, _, _ = market.parse(["--num-symbols", "9", "--num-days", "2", "--data-dir", str(tmp_path)])
+    assert len(market.load_market_stream(cfg, 0, CPU).symbols) == 9
+    assert len(list((tmp_path / "market-synthetic-seed0-9symbols").glob("*.csv"))) == 9
+    six, _, _ = market.parse(["--num-days", "2", "--data-dir", str(tmp_path)])
+    assert len(market.load_market_stream(six, 0, CPU).symbols) == 6      # the default folder is not mixed in
+    assert len(list((tmp_path / "market-synthetic-seed0").glob("*.csv"))) == 6
+    assert experiment.run_identity(cfg, "mark", 0) != experiment.run_identity(six, "mark", 0)
+
+
 def test_mark_with_supsup_runs_on_market_data(tmp_path):
     assert market.main(TINY_FLAGS + ["--num-tasks", "2", "--supsup", "--data-dir", str(tmp_path),
                                  "--out", str(tmp_path / "sup")]) == 0
@@ -250,7 +280,10 @@ def test_mark_with_supsup_runs_on_market_data(tmp_path):
     (["--source", "x"], "--source is read by --dataset market only"),
     (["--num-days", "1"], "--num-days must be >= 2"),
     (["--dataset", "glyphs"], "invalid choice"),
-    (["--dataset", "market"], "--dataset market needs --source")])
+    (["--dataset", "market"], "--dataset market needs --source"),
+    (["--dataset", "market", "--source", "x", "--num-symbols", "9"], "--num-symbols is for --dataset market-synthetic"),
+    (["--num-symbols", "0"], "--num-symbols"),
+    (["--day-matrix", "half"], "invalid choice")])
 def test_market_flags_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit):
         market.parse(argv)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from metrics import (average_accuracy, backward_transfer, forgetting, format_matrix, format_table,
+from metrics import (acc_bwt_from_ends, average_accuracy, backward_transfer, forgetting, format_matrix, format_table,
                      forward_transfer, macro_f1, mean_std, summarize_runs)
 
 # ---------------------------------------------------------------------------
@@ -207,6 +207,37 @@ def test_bad_matrices_are_rejected_with_a_reason(R, message):
     for metric in (average_accuracy, backward_transfer, forgetting, format_matrix):
         with pytest.raises(ValueError, match=message):
             metric(R)
+
+
+@FAST
+@given(accuracy_matrices(min_tasks=3), st.data())
+def test_acc_and_bwt_read_only_the_diagonal_and_the_last_row(pair, data):
+    # What lets a run evaluate 2T-1 entries instead of T(T+1)/2
+    # (market.py --day-matrix ends): any entry strictly between them may change.
+    R, clean = pair
+    T = len(R)
+    inner = [(i, j) for i in range(1, T - 1) for j in range(i)]      # below the diagonal, not the last row
+    for i, j in data.draw(st.lists(st.sampled_from(inner), min_size=1, unique=True)):
+        clean[i][j] = data.draw(fraction)
+    for divide_by in ("T-1", "T"):
+        assert backward_transfer(clean, divide_by) == backward_transfer(R, divide_by)
+        assert acc_bwt_from_ends(np.diag(clean), clean[-1], divide_by) == (
+            average_accuracy(R), backward_transfer(R, divide_by))
+
+
+def test_acc_and_bwt_from_the_ends_by_hand():
+    # diagonal 0.9 0.8 0.7, last row 0.6 0.7 0.7: ACC = 2.0 / 3,
+    # BWT = ((0.6 - 0.9) + (0.7 - 0.8)) / 2 = -0.2 (T-1), -0.4 / 3 (T).
+    assert acc_bwt_from_ends([0.9, 0.8, 0.7], [0.6, 0.7, 0.7]) == pytest.approx((2.0 / 3, -0.2))
+    assert acc_bwt_from_ends([0.9, 0.8, 0.7], [0.6, 0.7, 0.7], "T")[1] == pytest.approx(-0.4 / 3)
+    assert acc_bwt_from_ends([0.4], [0.4]) == (0.4, 0.0)
+    for diagonal, final, message in [([0.9, 0.8], [0.6, 0.7, 0.7], "one length"),
+                                     ([], [], "one length"),
+                                     ([0.9, 0.8], [0.6, 0.7], "must be equal"),
+                                     ([0.9, np.nan], [0.6, np.nan], "non-finite"),
+                                     ([0.9, 0.7], [60.0, 0.7], "outside")]:
+        with pytest.raises(ValueError, match=message):
+            acc_bwt_from_ends(diagonal, final)
 
 
 def test_unknown_divisor_is_rejected():
