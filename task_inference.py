@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -136,17 +137,23 @@ def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
     names = ("entropy", "query") if model.use_masks else ("entropy",)   # baselines have no F_t
     names += ("one-shot",) if superposable(model) else ()
     stats = query_statistics(model, tasks) if model.use_masks else None
-    tally = {name: {"hits": 0, "correct": 0} for name in names}
+    tally = {name: {"hits": 0, "correct": 0, "seconds": 0.0} for name in names}
     batches = seen = 0
     for u, task in enumerate(tasks):
         for xb, yb in zip(task.test.x.split(batch_size), task.test.y.split(batch_size)):
+            started = time.perf_counter()
             logits = [model(xb, t) for t in range(T)]
             guesses = {"entropy": int(torch.stack([normalised_entropy(lg) for lg in logits]).argmin())}
+            tally["entropy"]["seconds"] += time.perf_counter() - started
             if model.use_masks:
+                started = time.perf_counter()
                 guesses["query"] = int(torch.stack([query_distance(model, stats, xb, t)
                                                     for t in range(T)]).argmin())
+                tally["query"]["seconds"] += time.perf_counter() - started
             if "one-shot" in names:
+                started = time.perf_counter()
                 guesses["one-shot"] = one_shot_task(model, xb)
+                tally["one-shot"]["seconds"] += time.perf_counter() - started
             for name, guess in guesses.items():
                 if guess == u:
                     tally[name]["hits"] += 1
@@ -155,7 +162,10 @@ def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
     return {name: {"task_inference_accuracy": c["hits"] / batches,
                    "accuracy_inferred_task": c["correct"] / seen,
                    "forward_passes_per_batch": {"entropy": f"{T} full", "query": f"{T} F_t + 1 full",
-                                                "one-shot": "1 full + 1 backward (superposed)"}[name]}
+                                                "one-shot": "1 full + 1 backward (superposed)"}[name],
+                   # the score's own work per batch (the query score's class
+                   # statistics, computed once before, not included)
+                   "seconds_per_batch": c["seconds"] / batches}
             for name, c in tally.items()} | {"batch_size": batch_size}
 
 
@@ -166,7 +176,8 @@ def after_run(model, tasks, record, log) -> dict:
     for name in [n for n in ("entropy", "query", "one-shot") if n in agnostic]:
         log(f"[{record['method']} seed {record['seed']}] without the task id ({name}): task inferred for "
             f"{100 * agnostic[name]['task_inference_accuracy']:.1f}% of test batches, accuracy "
-            f"{100 * agnostic[name]['accuracy_inferred_task']:.2f}% (task given: {100 * record['acc']:.2f}%)")
+            f"{100 * agnostic[name]['accuracy_inferred_task']:.2f}% (task given: {100 * record['acc']:.2f}%); "
+            f"{1000 * agnostic[name]['seconds_per_batch']:.1f} ms per batch of {agnostic['batch_size']}")
     return agnostic | {"accuracy_given_task": record["acc"]}
 
 

@@ -149,5 +149,8 @@ def test_one_shot_inference_follows_the_entropys_descent():
     gen = torch.Generator().manual_seed(0)
     for t in range(3):
         mm.train_task_mark(model, t, tasks[t], cfg, gen, experiment.StepTimer(CPU, lambda *_: None))
-    result = ti.evaluate_without_task_id(model, tasks, batch_size=20)["one-shot"]
+    everything = ti.evaluate_without_task_id(model, tasks, batch_size=20)
+    result = everything["one-shot"]
     assert result["task_inference_accuracy"] == pytest.approx(4 / 6)
+    # each score's cost is measured: its own time per batch
+    assert all(everything[name]["seconds_per_batch"] > 0 for name in ("entropy", "query", "one-shot"))
