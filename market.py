@@ -6,6 +6,7 @@
     python market.py --dataset market --source data/nse-minute --out runs/nse   # your minute-bar CSVs
     python market.py --all --out runs/market           # every method, then the report's Table 3
     python market.py --describe                        # parameter and storage tables
+    python market.py --num-symbols 308 --num-days 2 --day-matrix ends   # the report's 308 symbols, one day
 
 The course report (its section 8) turns intraday trading into continual
 learning: each stock symbol is a task with its own F_t, M_t and C_t; the KB is
@@ -21,6 +22,11 @@ channels), and every sample carries four labels (one per (target, stop)
 pair), so a head outputs 4 x 4 logits and the loss is the mean of four
 class-weighted cross-entropies. The five steps and the baselines are the same
 functions as for images (mark_min.py, baselines.py).
+
+At scale: a day's accuracy matrix tests every symbol trained so far after
+each symbol, T(T+1)/2 tests for T symbols (47,586 a day for the report's
+308); ACC and BWT read only its diagonal and last row, which
+`--day-matrix ends` tests alone (2T-1 a day, the same ACC and BWT).
 """
 from __future__ import annotations
 
