@@ -137,7 +137,7 @@ def average_accuracy(R) -> float:
     The last row is entirely on or below the diagonal, so it is always defined.
     """
     M = _lower_triangle(R)
-    return acc_bwt_from_ends(np.diag(M), M[-1])[0]
+    return float(np.mean(M[-1]))
 
 
 def backward_transfer(R, divide_by: str = "T-1") -> float:
@@ -148,7 +148,10 @@ def backward_transfer(R, divide_by: str = "T-1") -> float:
     of which, R[T-1][T-1] - R[T-1][T-1], is always 0). See module docstring.
     """
     M = _lower_triangle(R)
-    return acc_bwt_from_ends(np.diag(M), M[-1], divide_by)[1]
+    T = M.shape[0]
+    final = M[-1, :-1]                  # (T-1,) R[T-1][j], j < T-1
+    just_learned = np.diag(M)[:-1]      # (T-1,) R[j][j],   j < T-1
+    return float(np.sum(final - just_learned) / _divisor(T, divide_by))
 
 
 def acc_bwt_from_ends(diagonal, final, divide_by: str = "T-1") -> tuple[float, float]:
@@ -157,21 +160,21 @@ def acc_bwt_from_ends(diagonal, final, divide_by: str = "T-1") -> tuple[float, f
 
     A run needs 2T-1 evaluations for these instead of T(T+1)/2 for the whole
     lower triangle; MarketCL with hundreds of symbols a day evaluates only
-    these (market.py --day-matrix ends). For any R, equal to
-    (average_accuracy(R), backward_transfer(R, divide_by)), which call it.
+    these (market.py --day-matrix ends). The entries between, which neither
+    metric reads (test_metrics checks it), are filled with their column's
+    diagonal value so that R is a valid matrix for the two functions above.
     """
     d, f = np.asarray(diagonal, dtype=float), np.asarray(final, dtype=float)
     if d.ndim != 1 or d.shape != f.shape or len(d) == 0:
         raise ValueError(f"the diagonal and the last row of R must be two vectors of one length T >= 1, "
                          f"got shapes {d.shape} and {f.shape}")
-    _check_accuracies(d, "diagonal of R")
-    _check_accuracies(f, "last row of R")
-    if d[-1] != f[-1]:
+    if d[-1] != f[-1] and np.isfinite(d[-1]) and np.isfinite(f[-1]):
         raise ValueError(f"the diagonal's last entry ({d[-1]!r}) and the last row's ({f[-1]!r}) are both "
                          f"R[T-1][T-1]; they must be equal")
-    T = len(d)
-    final, just_learned = f[:-1], d[:-1]          # (T-1,) R[T-1][j] and R[j][j], j < T-1
-    return float(np.mean(f)), float(np.sum(final - just_learned) / _divisor(T, divide_by))
+    R = np.tile(d, (len(d), 1))                  # (T, T) row i = the diagonal: R[i][j] = R[j][j]
+    R[-1] = f
+    np.fill_diagonal(R, d)
+    return average_accuracy(R), backward_transfer(R, divide_by)
 
 
 def forward_transfer(R, b, divide_by: str = "T-1") -> float:
