@@ -726,8 +726,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         if args.dataset == "market-synthetic":
-            # Written on every call (a tenth of a second): the files are a
-            # function of the seed, so rewriting them equals reusing them.
+            # Written on every call (a tenth of a second for 6 symbols, seconds
+            # for hundreds): the files are a function of the seed and the
+            # symbol count, so rewriting them equals reusing them.
             source = data_dir_or_default(args.data_dir) / market_synthetic_folder(args.seed, args.num_symbols)
             paths = write_synthetic_market(source, seed=args.seed, num_symbols=args.num_symbols)
             print(f"market-synthetic: wrote {len(paths)} CSV files to {source} "

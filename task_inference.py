@@ -30,6 +30,7 @@ Two scores, both reported (results.json, "task_agnostic"):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -127,6 +128,14 @@ def superposable(model) -> bool:
             and hasattr(model.mask_generators, "superposed") and hasattr(model.heads, "superposed"))
 
 
+@contextlib.contextmanager
+def timed(counts: dict):
+    """Add the wall time of the with-block to counts["seconds"]."""
+    started = time.perf_counter()
+    yield
+    counts["seconds"] += time.perf_counter() - started
+
+
 @torch.inference_mode()
 def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
     """Both scores over every test batch of every task: the fraction of batches
@@ -141,19 +150,16 @@ def evaluate_without_task_id(model: mm.MARKNet, tasks, batch_size=128) -> dict:
     batches = seen = 0
     for u, task in enumerate(tasks):
         for xb, yb in zip(task.test.x.split(batch_size), task.test.y.split(batch_size)):
-            started = time.perf_counter()
-            logits = [model(xb, t) for t in range(T)]
-            guesses = {"entropy": int(torch.stack([normalised_entropy(lg) for lg in logits]).argmin())}
-            tally["entropy"]["seconds"] += time.perf_counter() - started
+            with timed(tally["entropy"]):
+                logits = [model(xb, t) for t in range(T)]
+                guesses = {"entropy": int(torch.stack([normalised_entropy(lg) for lg in logits]).argmin())}
             if model.use_masks:
-                started = time.perf_counter()
-                guesses["query"] = int(torch.stack([query_distance(model, stats, xb, t)
-                                                    for t in range(T)]).argmin())
-                tally["query"]["seconds"] += time.perf_counter() - started
+                with timed(tally["query"]):
+                    guesses["query"] = int(torch.stack([query_distance(model, stats, xb, t)
+                                                        for t in range(T)]).argmin())
             if "one-shot" in names:
-                started = time.perf_counter()
-                guesses["one-shot"] = one_shot_task(model, xb)
-                tally["one-shot"]["seconds"] += time.perf_counter() - started
+                with timed(tally["one-shot"]):
+                    guesses["one-shot"] = one_shot_task(model, xb)
             for name, guess in guesses.items():
                 if guess == u:
                     tally[name]["hits"] += 1
